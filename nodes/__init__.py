@@ -1,0 +1,19 @@
+"""ComfyUI glue (V3 schema). Imported only by the root ``__init__.py`` inside ComfyUI.
+
+Heavy libraries (diffusers, peft, accelerate, transformers) must never be imported here
+at module level: ComfyUI start-up time is measured and budgeted at 0.2 s.
+"""
+from comfy_api.latest import ComfyExtension
+
+from . import lora_loader, one_step, scribble, tcd
+
+NODE_MODULES = (lora_loader, tcd, one_step, scribble)
+
+
+class HyperSDExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        # Adds "tcd" to KSampler / KSamplerSelect sampler and scheduler lists.
+        tcd.register_ksampler_entries()
+
+    async def get_node_list(self):
+        return [node for module in NODE_MODULES for node in module.NODES]
