@@ -65,7 +65,7 @@ def build_cache(dataset, cache_dir, encode_images, encode_texts, encoder_id: str
     old = _read_index(cache_dir)
     entries = {k: old[k] for k in keys if k in old and (cache_dir / old[k]["shard"]).is_file()}
     todo = [i for i, k in enumerate(keys) if k not in entries]
-    # Encode in same-bucket batches (equal shapes), write shards of <= shard_size samples.
+    # Encode in same-bucket batches (equal shapes), write a shard once >= shard_size samples are pending.
     by_bucket: dict[int, list[int]] = {}
     for i in todo:
         by_bucket.setdefault(dataset.bucket_ids[i], []).append(i)
