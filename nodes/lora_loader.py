@@ -1,0 +1,205 @@
+"""HyperSDLoraLoader: load a Hyper-SD LoRA (local file or official release) in any key format.
+
+Every SD1.5/SDXL key format (kohya, old diffusers, PEFT) is renamed to kohya names first
+(``lora_formats.to_kohya``) because ComfyUI drops PEFT attention keys; the keys are then matched
+against the model's own key map before patching, so a LoRA for another family or with zero
+matching keys fails loudly instead of being logged as "lora key not loaded".
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from comfy_api.latest import io
+
+from . import lora_formats as lf
+from .releases import HUB_REPO, NO_RELEASE, RELEASE_NAMES, Release, get_release, release_for_file
+
+log = logging.getLogger("HyperSD")
+NO_FILE = "None"
+
+
+def loras_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def local_lora_path(name: str) -> str:
+    """Path of a file picked in the ``lora_name`` combo, refusing path tricks."""
+    import folder_paths
+
+    lf.safe_relative_name(name, "lora_name")
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(f"lora_name: {name!r} is not in the loras folder(s) {folder_paths.get_folder_paths('loras')}")
+    for root in folder_paths.get_folder_paths("loras"):
+        try:
+            return lf.resolve_inside(root, name, "lora_name") if os.path.exists(os.path.join(root, name)) else path
+        except ValueError:
+            continue
+    raise ValueError(f"lora_name: {name!r} resolves outside the loras folders")
+
+
+def release_path(release: Release, download: bool) -> str:
+    """The release's file in the loras folder, downloaded from the hub when missing."""
+    import folder_paths
+
+    existing = folder_paths.get_full_path("loras", release.filename)
+    if existing is not None:
+        return existing
+    target_dir = loras_dir()
+    url = f"https://huggingface.co/{HUB_REPO}/resolve/main/{release.filename}"
+    hint = f"download {url} and put it at {os.path.join(target_dir, release.filename)}"
+    if not download:
+        raise ValueError(f"release: {release.filename} is not in the loras folder and download is off; {hint}")
+    return download_release_file(release.filename, target_dir, hint)
+
+
+def download_release_file(filename: str, target_dir: str, hint: str) -> str:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ValueError(f"release: {filename} is missing and huggingface_hub is not installed; {hint}") from None
+    os.makedirs(target_dir, exist_ok=True)
+    try:
+        # local_dir: the hub client downloads to a temp file inside target_dir and renames it.
+        path = hf_hub_download(repo_id=HUB_REPO, filename=filename, local_dir=target_dir)
+    except Exception as e:  # offline mode, no network, 404, auth: all end in the same advice
+        raise ValueError(
+            f"release: could not download {filename} from {HUB_REPO} ({type(e).__name__}: {str(e)[:200]}); {hint}"
+        ) from e
+    lf.check_safetensors(path, "release")
+    return path
+
+
+def _model_family_name(model) -> str:
+    return lf.model_family(type(model.model.model_config).__name__)
+
+
+def _check_matches(lora_sd: dict, model, clip, source: str) -> tuple[lf.MatchReport, str]:
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
+    report = lf.match_modules(lora_sd, key_map, shapes)
+    family, lora_family = _model_family_name(model), lf.lora_family(lora_sd)
+    if lora_family is not None and family in ("SD15", "SD2", "SDXL", "SD3", "FLUX") and lora_family != family:
+        raise ValueError(f"{source}: this LoRA is for {lora_family} but the model is {family}; "
+                         f"pick a {family} LoRA (or the matching checkpoint)")
+    if report.shape_mismatch:
+        name, got, want = report.shape_mismatch[0]
+        raise ValueError(
+            f"{source}: LoRA shapes do not fit this {family} model ({len(report.shape_mismatch)} modules, e.g. "
+            f"{name}: LoRA {got} vs model {want}); the LoRA is for another model family"
+        )
+    if not report.matched:
+        raise ValueError(
+            f"{source}: none of the {report.total} LoRA modules match this {family} model (e.g. "
+            f"{report.unmatched[:3]}); expected an SD1.5/SDXL/SD3/FLUX LoRA for this model's family "
+            "in kohya, diffusers or PEFT format"
+        )
+    if len(report.unmatched) > len(report.matched):
+        raise ValueError(
+            f"{source}: only {len(report.matched)} of {report.total} LoRA modules match this {family} model; "
+            f"the LoRA is probably for another model family (unmatched e.g. {report.unmatched[:3]})"
+        )
+    return report, family
+
+
+def _drop_text_encoder(sd: dict) -> tuple[dict, int]:
+    kept = {k: v for k, v in sd.items() if not k.startswith(("lora_te_", "lora_te1_", "lora_te2_", "text_encoder"))}
+    return kept, (len(sd) - len(kept))
+
+
+def load_and_apply(model, clip, path: str, strength_model: float, strength_clip: float, source: str):
+    import comfy.sd
+
+    raw = lf.load_safetensors(path, source)
+    conv = lf.to_kohya(raw)
+    sd, dropped = (conv.state_dict, 0) if clip is not None else _drop_text_encoder(conv.state_dict)
+    if not sd:
+        raise ValueError(f"{source}: {os.path.basename(path)} has no UNet LoRA keys (text-encoder only) and no CLIP is connected")
+    report, family = _check_matches(sd, model, clip, source)
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, sd, strength_model, strength_clip)
+    formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(conv.formats.items()))
+    info = (f"{os.path.basename(path)}: applied {len(report.matched)}/{report.total} modules to {family} "
+            f"(tensors: {formats}); strength model {strength_model:g}, clip {strength_clip:g}")
+    if dropped:
+        info += f"; {dropped} text-encoder tensors skipped (no CLIP connected)"
+    if report.unmatched:
+        info += f"; {len(report.unmatched)} modules not in this model, e.g. {report.unmatched[:3]}"
+        log.warning("HyperSD LoRA: %s", info)
+    else:
+        log.info("HyperSD LoRA: %s", info)
+    return new_model, new_clip, report, info
+
+
+class HyperSDLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+        import folder_paths
+
+        return io.Schema(
+            node_id="HyperSDLoraLoader",
+            display_name="Hyper-SD LoRA Loader",
+            category="loaders",
+            description="Loads a Hyper-SD LoRA (kohya, diffusers or PEFT keys, all applied) and outputs the "
+                        "release's recommended steps, cfg, sampler, scheduler and TCD eta.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (SD1.5, SDXL, SD3 or FLUX) to patch."),
+                io.Combo.Input("release", options=[NO_RELEASE] + RELEASE_NAMES, default="Hyper-SDXL-1step-lora",
+                               tooltip="An official ByteDance/Hyper-SD LoRA (downloaded into the loras folder "
+                                       "if missing), or 'none' to use lora_name."),
+                io.Combo.Input("lora_name", options=[NO_FILE] + folder_paths.get_filename_list("loras"),
+                               tooltip="A LoRA file from the loras folder; used when release is 'none'."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA strength on the model, relative to the release's recommended "
+                                       "scale (1.0 = 1.0 for SD1.5/SDXL, 0.125 for SD3/FLUX)."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA strength on the text encoder (same scaling as strength_model)."),
+                io.Boolean.Input("download_missing", default=True,
+                                 tooltip="Download a missing official release file from the Hugging Face hub."),
+                io.Clip.Input("clip", optional=True, tooltip="Optional CLIP to patch too."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                io.Int.Output(display_name="steps", tooltip="Recommended steps."),
+                io.Float.Output(display_name="cfg", tooltip="Recommended KSampler cfg."),
+                io.Combo.Output(display_name="sampler_name", options=comfy.samplers.SAMPLER_NAMES,
+                                tooltip="Recommended sampler (connects to KSampler's sampler_name)."),
+                io.Combo.Output(display_name="scheduler", options=comfy.samplers.SCHEDULER_NAMES,
+                                tooltip="Recommended scheduler (connects to KSampler's scheduler)."),
+                io.Float.Output(display_name="eta", tooltip="Recommended TCD eta (HyperSDTCDSampler)."),
+                io.String.Output(display_name="info", tooltip="What was applied."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, release, lora_name, strength_model, strength_clip, download_missing=True,
+                clip=None) -> io.NodeOutput:
+        if release != NO_RELEASE:
+            rel = get_release(release)
+            path = release_path(rel, bool(download_missing))
+        else:
+            if lora_name in (None, "", NO_FILE):
+                raise ValueError("lora_name: pick a LoRA file (or choose an official release)")
+            path = local_lora_path(lora_name)
+            rel = release_for_file(path)
+        scale = rel.strength if rel is not None else 1.0
+        source = "release" if release != NO_RELEASE else "lora_name"
+        new_model, new_clip, _, info = load_and_apply(
+            model, clip, path, strength_model * scale, strength_clip * scale, source)
+        steps, cfg, sampler, scheduler, eta = ((rel.steps, rel.cfg, rel.sampler, rel.scheduler, rel.eta)
+                                               if rel is not None else (4, 1.0, "tcd", "tcd", 0.3))
+        if rel is not None and rel.note:
+            info += f"; {rel.name}: {rel.note}"
+        return io.NodeOutput(new_model, new_clip, steps, float(cfg), sampler, scheduler, float(eta), info)
+
+
+NODES = [HyperSDLoraLoader]
