@@ -122,3 +122,39 @@ def test_generated_dataset_is_deterministic_and_captions_match_pixels():
     batch = collate([a[0], a[1]])
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["caption"] == [a[0]["caption"], a[1]["caption"]]
     assert batch["original_size"].shape == (2, 2) and batch["index"].tolist() == [0, 1]
+
+
+def test_trainer_config_shape_is_accepted(tmp_path):
+    """training/config.py's data section: source may be a path, num_generated, extra, trainer keys."""
+    import dataclasses
+    import pickle
+
+    @dataclasses.dataclass
+    class TrainerData:
+        source: str = "generated"
+        resolution: int = 16
+        num_generated: int = 5
+        caption_dropout: float = 0.1
+        num_workers: int = 0
+        cache_dir: str = ""
+        extra: dict = dataclasses.field(default_factory=lambda: {"random_flip": True})
+
+    ds = build_dataset(TrainerData())
+    assert len(ds) == 5 and ds.random_flip
+    pickle.loads(pickle.dumps(ds))[0]                   # DataLoader workers can receive it
+    _folder(tmp_path)
+    assert len(build_dataset(TrainerData(source=str(tmp_path)))) == 3
+    with pytest.raises(DataError, match=r"data\.source = .*does not exist"):
+        build_dataset(TrainerData(source=str(tmp_path / "missing")))
+    with pytest.raises(DataError, match=r"data\.source = .*not a file"):
+        build_dataset(TrainerData(source=str(tmp_path / "missing.jsonl")))
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6                                      # rotate 90 on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    (tmp_path / "rot.txt").write_text("rotated")
+    ds = build_dataset({"source": "folder", "path": str(tmp_path), "resolution": 16})
+    assert ds[0]["original_size"].tolist() == [40, 20]

@@ -45,6 +45,9 @@ __all__ = ["DataConfig", "DataError", "ImageCaptionDataset", "CachedDataset", "B
            "make_buckets", "Record"]
 
 
+TRAINER_KEYS = ("caption_dropout", "num_workers", "cache_dir")   # used by the trainer, not here
+
+
 @dataclass
 class DataConfig:
     source: str = "generated"        # "generated" | "folder" | "jsonl"
@@ -59,10 +62,22 @@ class DataConfig:
     num_images: int = 64             # generated: how many
     image_size: Optional[int] = None  # generated: pixels per side (default: resolution)
     seed: int = 0                    # generated content, crops and flips
+    path_key: str = "data.path"      # config key named in path errors
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "DataConfig":
+        """Also accepts training/config.py's data section: `source` may be a folder or a .jsonl
+        path, `num_generated` means num_images, `extra` is merged in, trainer-only keys ignored."""
         d = dict(d or {})
+        d.update(d.pop("extra", None) or {})
+        for k in TRAINER_KEYS:
+            d.pop(k, None)
+        if "num_generated" in d:
+            d["num_images"] = d.pop("num_generated")
+        src = d.get("source", "generated")
+        if isinstance(src, str) and src not in ("generated", "folder", "jsonl") and src:
+            d.update(source="jsonl" if src.lower().endswith(".jsonl") else "folder", path=src,
+                     path_key="data.source")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -110,15 +125,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(cfg) -> ImageCaptionDataset:
-    """DataConfig or dict (the config's "data" section) -> dataset; warns about unreadable files."""
+    """DataConfig, dict or any dataclass (the config's "data" section) -> dataset; warns about
+    unreadable files."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, DataConfig):
+        cfg = dataclasses.asdict(cfg)
     cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
     missing = 0
     if cfg.source == "generated":
         records = generated_records(cfg.num_images, cfg.image_size or cfg.resolution, cfg.seed)
     elif cfg.source == "folder":
-        records, missing = folder_records(cfg.path, cfg.recursive, cfg.missing_caption)
+        records, missing = folder_records(cfg.path, cfg.recursive, cfg.missing_caption, cfg.path_key)
     else:
-        records = jsonl_records(cfg.path)
+        records = jsonl_records(cfg.path, cfg.path_key)
     records, scan = scan_records(records)
     stats = dict(scan.as_dict(), num_missing_captions=missing)
     return ImageCaptionDataset(records, cfg.resolution, cfg.bucketing, cfg.bucket_step,

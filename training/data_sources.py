@@ -11,9 +11,10 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import partial
 from typing import Callable, Optional
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -35,7 +36,7 @@ class Record:
         if self.render is not None:
             return self.render()
         with Image.open(self.path) as img:
-            return img.convert("RGB")
+            return ImageOps.exif_transpose(img).convert("RGB")
 
 
 @dataclass
@@ -152,7 +153,7 @@ def scan_records(records: list[Record]) -> tuple[list[Record], ScanStats]:
         try:
             with Image.open(r.path) as img:
                 img.load()                  # full decode: catches truncated files
-                w, h = img.size
+                w, h = ImageOps.exif_transpose(img).size
             st = os.stat(r.path)
         except Exception as e:              # PIL raises many types for corrupt data
             stats.unreadable.append((r.path, f"{type(e).__name__}: {e}"))
@@ -199,23 +200,22 @@ def generated_records(num_images: int, image_size: int = 64, seed: int = 0) -> l
         if pos == "center":
             caption = f"a {fg} {shape} in the center on a {bg} background"
         params = (fg, bg, shape, pos, scale, image_size)
-        records.append(Record(caption=caption, render=_renderer(*params),
+        records.append(Record(caption=caption, render=partial(_render, *params),
                               size=(image_size, image_size),
                               source_id=f"generated:{seed}:{i}:{params}"))
     return records
 
 
-def _renderer(fg, bg, shape, pos, scale, size):
-    def render() -> Image.Image:
-        img = Image.new("RGB", (size, size), COLOURS[bg])
-        draw = ImageDraw.Draw(img)
-        cx, cy = POSITIONS[pos][0] * size, POSITIONS[pos][1] * size
-        r = scale * size
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[fg])
-        elif shape == "square":
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[fg])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg])
-        return img
-    return render
+def _render(fg, bg, shape, pos, scale, size) -> Image.Image:
+    # module-level (via functools.partial) so records pickle into DataLoader workers
+    img = Image.new("RGB", (size, size), COLOURS[bg])
+    draw = ImageDraw.Draw(img)
+    cx, cy = POSITIONS[pos][0] * size, POSITIONS[pos][1] * size
+    r = scale * size
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[fg])
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[fg])
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg])
+    return img
