@@ -12,8 +12,10 @@ NODE_MODULES = (lora_loader, tcd, one_step, scribble)
 
 class HyperSDExtension(ComfyExtension):
     async def on_load(self) -> None:
-        # Adds "tcd" to KSampler / KSamplerSelect sampler and scheduler lists.
         tcd.register_ksampler_entries()
 
     async def get_node_list(self):
+        # ComfyUI 0.3.64 never calls on_load, so the KSampler entries ("tcd" sampler and
+        # scheduler) are registered here too; registration is idempotent.
+        tcd.register_ksampler_entries()
         return [node for module in NODE_MODULES for node in module.NODES]
