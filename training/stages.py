@@ -1,0 +1,59 @@
+"""Stage plug-ins: each `stages[i].type` in the config names a module with a loss function.
+
+See docs/training.md ("Stage plug-in interface"). A stage module exposes
+
+    stage_loss(ctx: StageContext, batch: dict, stage: StageConfig) -> (loss tensor, {name: float})
+    setup(ctx, stage) -> None            # optional, called when the stage starts (also on resume)
+
+The loop owns the optimizer, accumulation, EMA, checkpoints and export; a stage only computes a loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+STAGE_MODULES = {
+    "tscd": "training.tscd",
+    "adversarial": "training.adversarial",      # TSCD + adversarial term (stages helper)
+    "feedback": "training.feedback",            # ReFL human feedback (stages helper)
+    "score_distill": "training.score_distill",  # DMD-style 1-step (stages helper)
+}
+
+
+def known_stage_types() -> list[str]:
+    return sorted(STAGE_MODULES)
+
+
+def load_stage_module(stage_type: str):
+    module = importlib.import_module(STAGE_MODULES[stage_type])
+    if not callable(getattr(module, "stage_loss", None)):
+        raise RuntimeError(f"stage type {stage_type!r}: module {module.__name__} has no stage_loss(ctx, batch, stage)")
+    return module
+
+
+@dataclass
+class StageContext:
+    """What a stage's loss may use. Tensors are on ctx.device; abar is float64 on ctx.device."""
+    accelerator: Any
+    student: Any                 # UNet with the LoRA (DDP-wrapped when distributed): call for gradients
+    unet: Any                    # the unwrapped UNet (same weights) for no-grad calls
+    vae: Any
+    abar: Any                    # alphas_cumprod, float64 [num_train_timesteps]
+    grid: Any                    # tscd.DDIMGrid
+    prediction_type: str         # "epsilon" | "v_prediction"
+    cfg: Any                     # TrainConfig
+    encode_prompts: Callable     # list[str] -> unet kwargs dict (encoder_hidden_states, added_cond_kwargs)
+    teacher: Callable = None     # context manager: LoRA disabled -> the frozen base model
+    target: Callable = None      # context manager: EMA LoRA weights swapped in (no-op if ema_decay=0)
+    step: int = 0                # global optimizer step (0-based)
+    state: dict = field(default_factory=dict)  # per-stage scratch space (not checkpointed)
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+
+def nullcontext():
+    return contextlib.nullcontext()
