@@ -104,3 +104,27 @@ def test_loader_random_augment_follows_epoch():
     # flip p=0.5 per (epoch, index): some of the 8 images flip between epochs
     assert sum(not torch.equal(a[i], c[i]) for i in a) > 0
     assert any(torch.equal(a[i], c[i].flip(-1)) and not torch.equal(a[i], c[i]) for i in a)
+
+
+def test_two_process_loaders_reassemble_one_process_batches(tmp_path):
+    ds = _mixed_folder(tmp_path)
+    one = list(make_dataloader(ds, global_batch_size=2, seed=7))
+    procs = [list(make_dataloader(ds, global_batch_size=2, seed=7, num_processes=2, process_index=p))
+             for p in range(2)]
+    assert len(procs[0]) == len(procs[1]) == len(one)
+    for k, batch in enumerate(one):
+        px = torch.cat([procs[0][k]["pixel_values"], procs[1][k]["pixel_values"]])
+        assert torch.equal(px, batch["pixel_values"])
+        assert procs[0][k]["caption"] + procs[1][k]["caption"] == batch["caption"]
+
+
+def test_random_crop_stays_inside_and_varies():
+    import random
+    img = Image.new("RGB", (120, 40))
+    offsets = set()
+    for seed in range(20):
+        s = preprocess(img, (32, 32), random_crop=True, rng=random.Random(seed))
+        top, left = s["crop_top_left"].tolist()
+        assert top == 0 and 0 <= left <= 96 - 32     # resized to 96x32
+        offsets.add(left)
+    assert len(offsets) > 5
