@@ -1,6 +1,5 @@
 """Latent / text-embedding cache: round trip, reuse, invalidation, atomic shards."""
 import os
-import time
 
 import pytest
 import torch
