@@ -30,15 +30,14 @@ def local_lora_path(name: str) -> str:
     import folder_paths
 
     lf.safe_relative_name(name, "lora_name")
+    roots = folder_paths.get_folder_paths("loras")
     path = folder_paths.get_full_path("loras", name)
     if path is None:
-        raise ValueError(f"lora_name: {name!r} is not in the loras folder(s) {folder_paths.get_folder_paths('loras')}")
-    for root in folder_paths.get_folder_paths("loras"):
-        try:
-            return lf.resolve_inside(root, name, "lora_name") if os.path.exists(os.path.join(root, name)) else path
-        except ValueError:
-            continue
-    raise ValueError(f"lora_name: {name!r} resolves outside the loras folders")
+        raise ValueError(f"lora_name: {name!r} is not in the loras folder(s) {roots}")
+    path = os.path.abspath(path)  # normalised, symlinks kept (model folders are often symlinked)
+    if not any(os.path.commonpath([os.path.abspath(r), path]) == os.path.abspath(r) for r in roots):
+        raise ValueError(f"lora_name: {name!r} resolves outside the loras folders {roots}")
+    return path
 
 
 def release_path(release: Release, download: bool) -> str:
