@@ -83,7 +83,7 @@ def test_recommended_settings_per_usage():
             assert nodes(name, "HyperSDTCDScheduler")[0]["steps"] == steps
             assert nodes(name, "HyperSDTCDSampler")[0]["eta"] == eta
             assert nodes(name, "SamplerCustom")[0]["cfg"] == 1.0
-            assert nodes(name, "HyperSDLoraLoader")[0]["lora_name"].endswith("1step-lora.safetensors")
+            assert nodes(name, "HyperSDLoraLoader")[0]["release"].endswith("1step-lora")
     assert nodes("hypersd_sdxl_1step_unet", "HyperSDOneStepScheduler")[0]["timestep"] == 800
     assert nodes("hypersd_sdxl_canny_controlnet_tcd_4step", "ControlNetApplyAdvanced")[0]["strength"] == 0.5
     assert nodes("hypersd_sd15_scribble_controlnet_tcd_1step", "HyperSDTCDScheduler")[0]["steps"] == 1

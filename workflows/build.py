@@ -39,6 +39,13 @@ def lora_note(lora: str, strength: float = 1.0) -> str:
     return f"- models/loras/{lora}  (hub: {HUB}, file {lora}; strength {strength})\n"
 
 
+def hyper_lora(g: Graph, model, lora: str):
+    """The pack's loader with the official release picked: it uses the file from models/loras
+    (downloading it when missing) and applies every key format."""
+    return g.add("HyperSDLoraLoader", model=model, release=lora.removesuffix(".safetensors"), lora_name="None",
+                 strength_model=1.0, strength_clip=1.0, download_missing=True)
+
+
 def checkpoint(g: Graph, family: str):
     return g.add("CheckpointLoaderSimple", ckpt_name=BASE[family][0])
 
@@ -72,7 +79,7 @@ def nstep_lora(family: str, steps: int):
         g.note(base_note(family) + lora_note(lora) +
                f"\nN-step LoRA: DDIM trailing = euler + sgm_uniform, {steps} steps, cfg 1 (no negative prompt).")
         ck = checkpoint(g, family)
-        model = g.add("HyperSDLoraLoader", model=ck[0], lora_name=lora, strength=1.0)
+        model = hyper_lora(g, ck[0], lora)
         pos, neg = text(g, ck[1], PROMPT, "")
         lat = empty_latent(g, family)
         k = g.add("KSampler", model=model[0], seed=SEED, steps=steps, cfg=1.0, sampler_name="euler",
@@ -90,7 +97,7 @@ def unified_tcd(family: str, steps: int, eta: float):
                f"\nUnified LoRA + TCD: {steps} step(s), eta {eta} (eta 1.0 at 1 step; lower eta keeps more "
                "detail at more steps), cfg 1.")
         ck = checkpoint(g, family)
-        model = g.add("HyperSDLoraLoader", model=ck[0], lora_name=lora, strength=1.0)
+        model = hyper_lora(g, ck[0], lora)
         pos, neg = text(g, ck[1], PROMPT, "")
         lat = empty_latent(g, family)
         s = tcd_sample(g, model[0], pos, neg, lat, steps, eta)
@@ -106,7 +113,7 @@ def cfg_lora(family: str, steps: int, cfg: float):
         g.note(base_note(family) + lora_note(lora) +
                f"\nCFG LoRA: {steps} steps, cfg {cfg} (5-8 works; cfg 1 gives bad images), negative prompt used.")
         ck = checkpoint(g, family)
-        model = g.add("HyperSDLoraLoader", model=ck[0], lora_name=lora, strength=1.0)
+        model = hyper_lora(g, ck[0], lora)
         pos, neg = text(g, ck[1], PROMPT, NEGATIVE)
         lat = empty_latent(g, family)
         k = g.add("KSampler", model=model[0], seed=SEED, steps=steps, cfg=cfg, sampler_name="euler",
@@ -135,7 +142,7 @@ def hypersd_sdxl_1step_unet(g: Graph):
     ck = g.add("CheckpointLoaderSimple", ckpt_name=ckpt)
     pos, neg = text(g, ck[1], PROMPT, "")
     lat = empty_latent(g, "SDXL")
-    sampler = g.add("HyperSDOneStepSampler")
+    sampler = g.add("HyperSDOneStepSampler", unit_variance_noise=True)
     sigmas = g.add("HyperSDOneStepScheduler", model=ck[0], timestep=800)
     s = g.add("SamplerCustom", model=ck[0], add_noise=True, noise_seed=SEED, cfg=1.0, positive=pos[0],
               negative=neg[0], sampler=sampler[0], sigmas=sigmas[0], latent_image=lat[0])
@@ -153,7 +160,7 @@ def controlnet_tcd(g: Graph, family: str, control: str, control_hub: str, steps:
            f"{'drawing (either polarity) or photo' if scribble else 'photo'}\n"
            f"\n{kind} ControlNet (strength {strength}) + unified LoRA + TCD, {steps} step(s), eta {eta}, cfg 1.")
     ck = checkpoint(g, family)
-    model = g.add("HyperSDLoraLoader", model=ck[0], lora_name=lora, strength=1.0)
+    model = hyper_lora(g, ck[0], lora)
     pos, neg = text(g, ck[1], PROMPT, "")
     img = g.add("LoadImage", image=image)
     if scribble:
@@ -201,7 +208,7 @@ def hypersd_sd15_img2img_tcd(g: Graph):
            "\nimg2img: unified LoRA + TCD, 4 steps at denoise 0.6 (TCD picks the timesteps below 0.6 T), "
            "eta 0.3, cfg 1.")
     ck = checkpoint(g, "SD15")
-    model = g.add("HyperSDLoraLoader", model=ck[0], lora_name=lora, strength=1.0)
+    model = hyper_lora(g, ck[0], lora)
     pos, neg = text(g, ck[1], PROMPT, "")
     img = g.add("LoadImage", image="example.png")
     lat = g.add("VAEEncode", pixels=img[0], vae=ck[2])

@@ -131,8 +131,10 @@ def _check_value(where: str, name: str, spec: list, value, errors: list) -> None
             errors.append(f"{where}: {name}={value} outside [{lo}, {hi}]")
 
 
-def _types_match(out_type: str, in_spec: list) -> bool:
+def _types_match(out_type, in_spec: list) -> bool:
     kind = input_kind(in_spec)
+    if isinstance(out_type, list):  # a V3 Combo output lists its choices
+        return kind == "COMBO"
     if "*" in (out_type, kind):
         return True
     if kind == "COMBO":
