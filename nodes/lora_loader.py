@@ -13,7 +13,8 @@ import os
 from comfy_api.latest import io
 
 from . import lora_formats as lf
-from .releases import HUB_REPO, NO_RELEASE, RELEASE_NAMES, Release, get_release, release_for_file
+from .releases import (NO_RELEASE, RELEASE_NAMES, Release, download_release, get_release, missing_file_hint,
+                       release_for_file)
 
 log = logging.getLogger("HyperSD")
 NO_FILE = "None"
@@ -48,26 +49,10 @@ def release_path(release: Release, download: bool) -> str:
     if existing is not None:
         return existing
     target_dir = loras_dir()
-    url = f"https://huggingface.co/{HUB_REPO}/resolve/main/{release.filename}"
-    hint = f"download {url} and put it at {os.path.join(target_dir, release.filename)}"
     if not download:
-        raise ValueError(f"release: {release.filename} is not in the loras folder and download is off; {hint}")
-    return download_release_file(release.filename, target_dir, hint)
-
-
-def download_release_file(filename: str, target_dir: str, hint: str) -> str:
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ValueError(f"release: {filename} is missing and huggingface_hub is not installed; {hint}") from None
-    os.makedirs(target_dir, exist_ok=True)
-    try:
-        # local_dir: the hub client downloads to a temp file inside target_dir and renames it.
-        path = hf_hub_download(repo_id=HUB_REPO, filename=filename, local_dir=target_dir)
-    except Exception as e:  # offline mode, no network, 404, auth: all end in the same advice
-        raise ValueError(
-            f"release: could not download {filename} from {HUB_REPO} ({type(e).__name__}: {str(e)[:200]}); {hint}"
-        ) from e
+        raise ValueError(f"release: {release.filename} is not in the loras folder and download_missing is off; "
+                         f"{missing_file_hint(release.filename, target_dir)}")
+    path = download_release(release.filename, target_dir)
     lf.check_safetensors(path, "release")
     return path
 
