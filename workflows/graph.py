@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from .wfkit import extra_widget_values, input_kind, input_options, is_widget, ordered_inputs, combo_choices
 
 
+def ui_type(output_type) -> str:
+    """A V3 Combo output's type is its list of choices; the front end saves such slots as COMBO."""
+    return output_type if isinstance(output_type, str) else "COMBO"
+
+
 @dataclass(frozen=True)
 class Out:
     node: int
@@ -91,7 +96,7 @@ class Graph:
                 value = node.inputs.get(name)
                 if isinstance(value, Out):
                     link_id = len(links) + 1
-                    out_type = self.schemas[self._node(value.node).type]["output"][value.slot]
+                    out_type = ui_type(self.schemas[self._node(value.node).type]["output"][value.slot])
                     links.append([link_id, value.node, value.slot, node.id, len(slots), out_type])
                     out_links.setdefault((value.node, value.slot), []).append(link_id)
                 slots.append({"name": name, "type": input_kind(spec), "link": link_id})
@@ -113,7 +118,7 @@ class Graph:
             schema = self.schemas[ui["type"]]
             names = schema.get("output_name") or schema["output"]
             ui["outputs"] = [
-                {"name": names[i], "type": t, "links": out_links.get((ui["id"], i), []), "slot_index": i}
+                {"name": names[i], "type": ui_type(t), "links": out_links.get((ui["id"], i), []), "slot_index": i}
                 for i, t in enumerate(schema["output"])
             ]
         for k, (node_id, title, text) in enumerate(self.notes):
