@@ -1,4 +1,4 @@
-"""Regenerate workflows/pack_object_info.json: this pack's /object_info entries, made by ComfyUI.
+"""Regenerate workflows/schemas/pack_object_info.json: this pack's /object_info entries, made by ComfyUI.
 
     COMFYUI_PATH=/work/ComfyUI /work/comfy-venv/bin/python -m workflows.pack_schema [--check]
 

@@ -2,8 +2,8 @@
 
 Schemas are ComfyUI ``/object_info`` listings: core ComfyUI 0.3.64 (``shared/comfyui/
 object_info-0.3.64.json`` beside the repo, override with HYPERSD_OBJECT_INFO) plus this pack's
-nodes (``workflows/pack_object_info.json``, refreshed from a real ComfyUI run by
-``python -m workflows.build --refresh-pack-schema URL``).
+nodes (``workflows/schemas/pack_object_info.json``, regenerated inside ComfyUI by
+``python -m workflows.pack_schema`` with COMFYUI_PATH set).
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACK_SCHEMA = REPO / "workflows" / "pack_object_info.json"
+# in a subfolder: any *.json directly in workflows/ would be listed as a template by ComfyUI
+PACK_SCHEMA = REPO / "workflows" / "schemas" / "pack_object_info.json"
 UI_DIR = REPO / "example_workflows"
 API_DIR = REPO / "workflows" / "api"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -94,7 +95,7 @@ def ui_to_api(ui: dict, schemas: dict) -> dict:
                 del values[: extra_widget_values(spec)]
             if name in connected:
                 inputs[name] = connected[name]
-        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node.get("title", node["type"])}}
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node.get("title") or schema.get("display_name") or node["type"]}}
     return api
 
 

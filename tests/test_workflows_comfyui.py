@@ -1,0 +1,154 @@
+"""Shipped workflows inside real ComfyUI 0.3.64: schemas, front end, end-to-end runs.
+
+Runs only with COMFYUI_PATH set (a ComfyUI checkout; COMFYUI_PYTHON = its interpreter, default
+the current one). The browser test also needs Chromium (/usr/bin/chromium or CHROMIUM) and the
+npm package playwright-core (directory given by PLAYWRIGHT_NODE_PATH, default
+/work/browser-tools/node_modules).
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from workflows.pack_schema import _strip_local_files
+from workflows.wfkit import API_DIR, PACK_SCHEMA, REPO, UI_DIR
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH not set: no real ComfyUI to run the workflows in")
+PACK_DIR_NAME = "ComfyUI-HyperSD"
+UI_FILES = sorted(UI_DIR.glob("*.json"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 30):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def write_example_drawing(path: Path, size: int = 64) -> None:
+    """Black strokes on a white canvas: what a user draws for the scribble workflow."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    draw.ellipse([12, 12, size - 12, size - 12], outline="black", width=3)
+    draw.line([8, size - 8, size - 8, 8], fill="black", width=3)
+    img.save(path)
+
+
+class ComfyServer:
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        self.log = open(base / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(base), "--disable-auto-launch"],
+            cwd=COMFYUI_PATH, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: see {base / 'server.log'}")
+            try:
+                _get(self.url + "/system_stats", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not start in 180 s: see {base / 'server.log'}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+MODEL_FOLDERS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
+                 "clip_name2": "text_encoders", "vae_name": "vae", "control_net_name": "controlnet",
+                 "lora_name": "loras"}
+
+
+def model_files(api: dict):
+    """(folder, file name) of every model file an API workflow names."""
+    for node in api.values():
+        for name, value in node["inputs"].items():
+            if name in MODEL_FOLDERS and isinstance(value, str) and value != "None":
+                yield MODEL_FOLDERS[name], value
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """ComfyUI with this pack, an example drawing, and an empty placeholder for every model file
+    the workflows name (so the front end offers them: a misspelt name then shows as invalid)."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    for api_file in API_DIR.glob("*.json"):
+        for folder, name in model_files(json.loads(api_file.read_text())):
+            (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (base / "models" / folder / name).touch()
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
+    (base / "input").mkdir()
+    write_example_drawing(base / "input" / "example.png")
+    srv = ComfyServer(base)
+    yield srv
+    srv.stop()
+
+
+def test_pack_schema_file_matches_running_comfyui(server):
+    info = _get(server.url + "/object_info")
+    live = {k: _strip_local_files(v) for k, v in info.items() if k.startswith("HyperSD")}
+    committed = json.loads(PACK_SCHEMA.read_text())
+    assert sorted(live) == sorted(committed)
+    for name in live:
+        assert live[name] == committed[name], f"{name}: run `python -m workflows.pack_schema` (COMFYUI_PATH set)"
+
+
+def test_ui_files_are_listed_in_the_templates_browser(server):
+    listed = _get(server.url + "/workflow_templates")[PACK_DIR_NAME]
+    assert sorted(listed) == [p.stem for p in UI_FILES]
+    served = _get(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{UI_FILES[0].name}")
+    assert served == json.loads(UI_FILES[0].read_text())
+
+
+def _browser_report(server) -> dict:
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    node_path = os.environ.get("PLAYWRIGHT_NODE_PATH", "/work/browser-tools/node_modules")
+    if not shutil.which("node") or not Path(chromium).exists() or not (Path(node_path) / "playwright-core").is_dir():
+        pytest.skip(f"needs node, Chromium at {chromium} and playwright-core in {node_path}")
+    env = dict(os.environ, NODE_PATH=node_path, CHROMIUM=chromium)
+    out = subprocess.run(["node", str(REPO / "workflows" / "browser_check.cjs"), server.url + "/", *map(str, UI_FILES)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_ui_files_open_in_the_comfyui_front_end_without_complaint(server):
+    report = _browser_report(server)
+    print(f"front end opened {len(UI_FILES)} workflows; startup console: {report['_startup_console']}")
+    for path in UI_FILES:
+        r = report[str(path)]
+        where = path.name
+        assert r["missing"] == [], f"{where}: front end lacks node types {r['missing']}"
+        assert r["invalid"] == [], f"{where}: invalid widget values {r['invalid']}"
+        assert r["dialogs"] == [] and r["toasts"] == [], f"{where}: dialog/toast {r['dialogs']} {r['toasts']}"
+        assert r["console"] == [], f"{where}: console errors {r['console']}"
+        ui = json.loads(path.read_text())
+        assert r["nodes"] == len(ui["nodes"])
+        # the front end's own UI -> API conversion equals the committed API twin
+        assert r["prompt"] == json.loads((API_DIR / path.name).read_text()), where
