@@ -8,28 +8,21 @@ npm package playwright-core (directory given by PLAYWRIGHT_NODE_PATH, default
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.comfyui.harness import PACK_DIR_NAME, ComfyServer, make_base_dir
 from workflows.pack_schema import _strip_local_files
 from workflows.wfkit import API_DIR, PACK_SCHEMA, REPO, UI_DIR
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH not set: no real ComfyUI to run the workflows in")
-PACK_DIR_NAME = "ComfyUI-HyperSD"
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 UI_FILES = sorted(UI_DIR.glob("*.json"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 30):
@@ -46,37 +39,6 @@ def write_example_drawing(path: Path, size: int = 64) -> None:
     draw.ellipse([12, 12, size - 12, size - 12], outline="black", width=3)
     draw.line([8, size - 8, size - 8, 8], fill="black", width=3)
     img.save(path)
-
-
-class ComfyServer:
-    def __init__(self, base: Path):
-        self.base = base
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-        self.log = open(base / "server.log", "w")
-        self.proc = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base), "--disable-auto-launch"],
-            cwd=COMFYUI_PATH, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited: see {base / 'server.log'}")
-            try:
-                _get(self.url + "/system_stats", timeout=2)
-                return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError(f"ComfyUI did not start in 180 s: see {base / 'server.log'}")
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 MODEL_FOLDERS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
@@ -96,18 +58,14 @@ def model_files(api: dict):
 def server(tmp_path_factory):
     """ComfyUI with this pack, an example drawing, and an empty placeholder for every model file
     the workflows name (so the front end offers them: a misspelt name then shows as invalid)."""
-    base = tmp_path_factory.mktemp("comfy_base")
+    base = make_base_dir(tmp_path_factory.mktemp("comfy_base"), REPO)
     for api_file in API_DIR.glob("*.json"):
         for folder, name in model_files(json.loads(api_file.read_text())):
             (base / "models" / folder).mkdir(parents=True, exist_ok=True)
             (base / "models" / folder / name).touch()
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
-    (base / "input").mkdir()
     write_example_drawing(base / "input" / "example.png")
-    srv = ComfyServer(base)
-    yield srv
-    srv.stop()
+    with ComfyServer(COMFYUI_PATH, COMFYUI_PYTHON, base) as srv:
+        yield srv
 
 
 def test_pack_schema_file_matches_running_comfyui(server):
