@@ -15,13 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.comfyui.harness import PACK_DIR_NAME, ComfyServer, make_base_dir
 from workflows.pack_schema import _strip_local_files
 from workflows.wfkit import API_DIR, PACK_SCHEMA, REPO, UI_DIR
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH not set: no real ComfyUI to run the workflows in")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+if not COMFYUI_PATH:
+    pytest.skip("COMFYUI_PATH not set: no real ComfyUI to run the workflows in", allow_module_level=True)
+
+from tests.comfyui.harness import PACK_DIR_NAME, ComfyServer, make_base_dir  # noqa: E402
+
+_SIBLING_VENV = Path(COMFYUI_PATH).resolve().parent / "comfy-venv" / "bin" / "python"
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or (str(_SIBLING_VENV) if _SIBLING_VENV.exists() else sys.executable)
 UI_FILES = sorted(UI_DIR.glob("*.json"))
 
 
