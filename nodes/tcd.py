@@ -143,3 +143,7 @@ class HyperSDTCDScheduler(io.ComfyNode):
 
 
 NODES = [HyperSDTCDSampler, HyperSDTCDScheduler]
+
+# ComfyUI 0.3.64 never calls ComfyExtension.on_load, so register when ComfyUI imports the pack
+# (before any /object_info or prompt validation reads the lists). Idempotent.
+register_ksampler_entries()

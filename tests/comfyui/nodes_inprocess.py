@@ -1,0 +1,333 @@
+"""In-process checks of the Hyper-SD nodes inside real ComfyUI (run with ComfyUI's python).
+
+    COMFYUI_PATH=/work/ComfyUI $COMFYUI_PYTHON tests/comfyui/nodes_inprocess.py OUT.json
+
+Loads the pack through ComfyUI's own custom-node loader, builds a tiny SD1.5-shaped UNet with
+ComfyUI's UNetModel (random weights, detected by ComfyUI as SD15), runs the core SamplerCustom and
+KSampler nodes with the pack's samplers, and compares against references written here in VP space
+from the reference doc's formulas (not through schedulers/). Prints nothing but writes a JSON
+report that tests/comfyui/test_nodes_comfyui.py asserts on.
+"""
+import asyncio
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+
+COMFY = os.environ["COMFYUI_PATH"]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, COMFY)
+sys.argv = [sys.argv[0], "--cpu"]
+OUT = os.environ["HYPERSD_CHECK_OUT"]
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import torch  # noqa: E402
+
+import comfy.lora  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.ops  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
+
+results: dict = {}
+
+
+class LogCount(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+LOG = LogCount()
+logging.getLogger().addHandler(LOG)
+logging.getLogger().setLevel(logging.INFO)
+
+TINY_SD15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+                 channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
+                 num_head_channels=-1, num_heads=8, context_dim=768, use_linear_in_transformer=False,
+                 use_spatial_transformer=True, legacy=False, adm_in_channels=None)
+
+
+def tiny_sd15_state_dict(seed=0):
+    torch.manual_seed(seed)
+    m = UNetModel(**TINY_SD15, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    return {k: (torch.randn_like(v) * 0.05 if v.is_floating_point() else v) for k, v in m.state_dict().items()}
+
+
+def load_model(sd):
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd))
+
+
+def setup_pack(tmp):
+    custom = os.path.join(tmp, "custom_nodes")
+    os.makedirs(custom)
+    link = os.path.join(custom, "comfyui_hyper_sd")
+    os.symlink(REPO, link)
+    loras = os.path.join(tmp, "loras")
+    os.makedirs(loras)
+    folder_paths.add_model_folder_path("loras", loras, is_default=True)
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    before = set(sys.modules)
+    t0 = time.perf_counter()
+    ok = asyncio.run(nodes.load_custom_node(link, set(nodes.NODE_CLASS_MAPPINGS), module_parent="custom_nodes"))
+    results["import_ok"] = ok
+    results["import_seconds"] = time.perf_counter() - t0
+    new = {m.split(".")[0] for m in set(sys.modules) - before}
+    results["heavy_modules_imported_by_pack"] = sorted(new & {"diffusers", "peft", "accelerate", "transformers",
+                                                               "huggingface_hub"})
+    results["nodes"] = sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("HyperSD"))
+    import comfy.samplers as cs
+
+    results["tcd_in_lists"] = ["tcd" in cs.KSampler.SAMPLERS, "tcd" in cs.KSampler.SCHEDULERS,
+                               "tcd" in cs.SAMPLER_NAMES, "tcd" in cs.SCHEDULER_NAMES]
+    return loras
+
+
+# -- references in VP space (reference doc formulas), independent of schedulers/ ---------------------
+
+def abar_table():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def unet_eps(model, x_vp, t, context):
+    dm = model.model.diffusion_model
+    with torch.no_grad():
+        return dm(x_vp.float(), torch.tensor([float(t)]), context=context.float()).double()
+
+
+TCD_T = {1: [999], 2: [999, 499], 4: [999, 759, 499, 259]}
+
+
+def reference_tcd(model, noise, context, steps, eta, seed):
+    abar = abar_table()
+    gen = torch.Generator().manual_seed(seed)
+    x = noise.double()  # t = 999 = sigma_max: ComfyUI starts from unit-variance noise too
+    ts = TCD_T[steps]
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else 0
+        eps = unet_eps(model, x, t, context)
+        x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        s = math.floor((1 - eta) * t_prev)
+        x = abar[s].sqrt() * x0 + (1 - abar[s]).sqrt() * eps
+        if i + 1 < len(ts):
+            z = torch.randn(noise.shape, generator=gen, dtype=torch.float32).double()
+            ratio = abar[t_prev] / abar[s]
+            x = ratio.sqrt() * x + (1 - ratio).sqrt() * z
+    return x
+
+
+def reference_one_step(model, noise, context, t=800):
+    abar = abar_table()
+    x = noise.double()  # diffusers: unit-variance UNet input
+    eps = unet_eps(model, x, t, context)
+    x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+    scaled = t * 10.0
+    c_skip = 0.25 / (scaled ** 2 + 0.25)
+    c_out = scaled / math.sqrt(scaled ** 2 + 0.25)
+    return c_out * x0 + c_skip * x
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def sampling_checks(model):
+    M = nodes.NODE_CLASS_MAPPINGS
+    seed = 1234
+    torch.manual_seed(7)
+    context = torch.randn(1, 77, 768)
+    positive = [[context, {}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    noise = torch.randn(1, 4, 8, 8, generator=torch.manual_seed(seed))
+    scale = 0.18215  # SD1.5 latent format: ComfyUI returns latents / scale_factor
+    out = {}
+    for steps in (1, 4):
+        eta = 1.0 if steps == 1 else 0.3
+        sampler = M["HyperSDTCDSampler"].execute(eta=eta).result[0]
+        sigmas = M["HyperSDTCDScheduler"].execute(model=model, steps=steps, denoise=1.0).result[0]
+        got = M["SamplerCustom"]().sample(model, True, seed, 1.0, positive, positive, sampler, sigmas, latent)[0]["samples"]
+        ref = reference_tcd(model, noise, context, steps, eta, seed) / scale
+        out[f"samplercustom_tcd_{steps}step_rel_err"] = rel_err(got, ref)
+        out[f"tcd_{steps}step_sigmas"] = [round(float(s), 4) for s in sigmas]
+    got = M["KSampler"]().sample(model, seed, 4, 1.0, "tcd", "tcd", positive, positive, latent)[0]["samples"]
+    out["ksampler_tcd_4step_rel_err"] = rel_err(got, reference_tcd(model, noise, context, 4, 0.3, seed) / scale)
+    got = M["KSampler"]().sample(model, seed, 1, 1.0, "tcd", "tcd", positive, positive, latent)[0]["samples"]
+    out["ksampler_tcd_1step_rel_err"] = rel_err(got, reference_tcd(model, noise, context, 1, 0.3, seed) / scale)
+    sigmas = M["HyperSDOneStepScheduler"].execute(model=model, timestep=800).result[0]
+    out["one_step_sigmas"] = [round(float(s), 4) for s in sigmas]
+    sampler = M["HyperSDOneStepSampler"].execute(unit_variance_noise=True).result[0]
+    got = M["SamplerCustom"]().sample(model, True, seed, 1.0, positive, positive, sampler, sigmas, latent)[0]["samples"]
+    out["one_step_rel_err"] = rel_err(got, reference_one_step(model, noise, context) / scale)
+    # ComfyUI's own scaling (sigma * noise) would differ: make sure the check can fail.
+    out["one_step_vs_sigma_scaled_noise_rel_err"] = rel_err(
+        got, reference_one_step(model, noise * float(sigmas[0]) / math.sqrt(1 + float(sigmas[0]) ** 2), context) / scale)
+    results.update(out)
+
+
+# -- LoRA files from the model's real diffusers names -----------------------------------------------
+
+def lora_modules(model):
+    """(diffusers module path, comfy weight key, shape) for attention/proj/ff/conv weights."""
+    diffusers = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    sd = model.model.state_dict()
+    picks = []
+    for dkey, ckey in sorted(diffusers.items()):
+        if not dkey.endswith(".weight"):
+            continue
+        path = dkey[: -len(".weight")]
+        if any(path.endswith(s) for s in ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1")):
+            w = sd["diffusion_model." + ckey]
+            picks.append((path, "diffusion_model." + ckey, tuple(w.shape)))
+    return picks
+
+
+def make_lora(picks, fmt, rank=4, alpha=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    for path, ckey, shape in picks:
+        down = torch.randn((rank, shape[1]) + tuple(shape[2:3] and (1, 1)), generator=g) * 0.1
+        up = torch.randn((shape[0], rank) + tuple(shape[2:3] and (1, 1)), generator=g) * 0.1
+        if len(shape) == 4 and shape[2] == 3:  # 3x3 conv: down carries the kernel
+            down = torch.randn((rank, shape[1], 3, 3), generator=g) * 0.1
+        scale = alpha / rank if fmt == "kohya" else 1.0
+        delta = up.flatten(1) @ down.flatten(1)
+        deltas[ckey] = (delta.reshape(shape) * scale)
+        if fmt == "kohya":
+            name = "lora_unet_" + path.replace(".", "_")
+            sd[name + ".lora_up.weight"], sd[name + ".lora_down.weight"] = up, down
+            sd[name + ".alpha"] = torch.tensor(alpha)
+        else:
+            sd[f"unet.{path}.lora_B.weight"], sd[f"unet.{path}.lora_A.weight"] = up, down
+    return sd, deltas
+
+
+def patched_weights(model_patcher, keys):
+    """Weights as ComfyUI runs them: load the patcher the way sampling does, read, unload."""
+    comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
+    try:
+        sd = model_patcher.model.state_dict()
+        return {k: sd[k].detach().clone() for k in keys}
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def lora_checks(model, loras_dir):
+    from safetensors.torch import save_file
+
+    M = nodes.NODE_CLASS_MAPPINGS
+    picks = lora_modules(model)
+    results["lora_modules_in_tiny_model"] = len(picks)
+    base = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    for fmt in ("kohya", "peft"):
+        sd, deltas = make_lora(picks, fmt)
+        name = f"tiny_sd15_{fmt}.safetensors"
+        save_file(sd, os.path.join(loras_dir, name))
+        LOG.messages.clear()
+        strength = 0.7
+        out = M["HyperSDLoraLoader"].execute(model=model, release="none (use lora_name)", lora_name=name,
+                                             strength_model=strength, strength_clip=1.0, download_missing=False)
+        new_model, info = out.result[0], out.result[7]
+        not_loaded = sum("lora key not loaded" in m for m in LOG.messages)
+        got = patched_weights(new_model, list(deltas))
+        err = max(float((got[k] - (base[k] + strength * deltas[k])).abs().max()) for k in deltas)
+        changed = sum(not torch.equal(got[k], base[k]) for k in deltas)
+        results[f"lora_{fmt}"] = {"info": info, "lora_key_not_loaded": not_loaded, "max_abs_err": err,
+                                  "changed_weights": changed, "expected_changed": len(deltas),
+                                  "outputs": [out.result[i] for i in (2, 3, 4, 5, 6)]}
+        if fmt == "peft":  # ComfyUI's own loader on the raw PEFT file, for contrast
+            LOG.messages.clear()
+            comfy.sd.load_lora_for_models(model, None, sd, 1.0, 1.0)
+            results["core_loader_peft_not_loaded"] = sum("lora key not loaded" in m for m in LOG.messages)
+    # base model untouched
+    now = model.model.state_dict()
+    results["base_model_unchanged"] = all(torch.equal(now[k], base[k]) for k in base)
+
+
+def error_checks(model, loras_dir):
+    from safetensors.torch import save_file
+
+    M = nodes.NODE_CLASS_MAPPINGS
+    errors = {}
+
+    def capture(label, fn):
+        try:
+            fn()
+            errors[label] = None
+        except Exception as e:  # noqa: BLE001
+            errors[label] = f"{type(e).__name__}: {e}"
+
+    xl_key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({xl_key + ".lora_down.weight": torch.zeros(4, 2048), xl_key + ".lora_up.weight": torch.zeros(320, 4)},
+              os.path.join(loras_dir, "sdxl_like.safetensors"))
+    save_file({"lora_unet_nothing_here.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_nothing_here.lora_up.weight": torch.zeros(8, 4)}, os.path.join(loras_dir, "nomatch.safetensors"))
+    good = os.path.join(loras_dir, "tiny_sd15_kohya.safetensors")
+    with open(good, "rb") as f:
+        data = f.read()
+    with open(os.path.join(loras_dir, "truncated.safetensors"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(loras_dir, "pickle.ckpt"), "wb") as f:
+        f.write(b"\x80\x04K\x01.")
+
+    def load(name):
+        return M["HyperSDLoraLoader"].execute(model=model, release="none (use lora_name)", lora_name=name,
+                                              strength_model=1.0, strength_clip=1.0, download_missing=False)
+
+    for label, name in (("wrong_family", "sdxl_like.safetensors"), ("zero_match", "nomatch.safetensors"),
+                        ("truncated", "truncated.safetensors"), ("pickle", "pickle.ckpt"),
+                        ("missing", "missing.safetensors"), ("dotdot", "../loras/tiny_sd15_kohya.safetensors"),
+                        ("absolute", good)):
+        capture(label, lambda name=name: load(name))
+    capture("release_offline", lambda: M["HyperSDLoraLoader"].execute(
+        model=model, release="Hyper-SD15-4steps-lora", lora_name="None", strength_model=1.0, strength_clip=1.0,
+        download_missing=False))
+    capture("steps_0", lambda: M["HyperSDTCDScheduler"].execute(model=model, steps=0, denoise=1.0))
+    capture("denoise_0", lambda: M["HyperSDTCDScheduler"].execute(model=model, steps=4, denoise=0.0))
+    capture("eta_1.5", lambda: M["HyperSDTCDSampler"].execute(eta=1.5))
+    capture("timestep_0", lambda: M["HyperSDOneStepScheduler"].execute(model=model, timestep=0))
+    capture("timestep_1000", lambda: M["HyperSDOneStepScheduler"].execute(model=model, timestep=1000))
+
+    nan_sd = tiny_sd15_state_dict()
+    nan_sd["out.2.weight"] = torch.full_like(nan_sd["out.2.weight"], float("nan"))
+    nan_model = load_model(nan_sd)
+    positive = [[torch.zeros(1, 77, 768), {}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    sampler = M["HyperSDTCDSampler"].execute(eta=0.3).result[0]
+    sigmas = M["HyperSDTCDScheduler"].execute(model=nan_model, steps=2, denoise=1.0).result[0]
+    capture("nan_tcd", lambda: M["SamplerCustom"]().sample(nan_model, True, 0, 1.0, positive, positive, sampler, sigmas, latent))
+    sampler = M["HyperSDOneStepSampler"].execute(unit_variance_noise=True).result[0]
+    sigmas = M["HyperSDOneStepScheduler"].execute(model=nan_model, timestep=800).result[0]
+    capture("nan_one_step", lambda: M["SamplerCustom"]().sample(nan_model, True, 0, 1.0, positive, positive, sampler, sigmas, latent))
+    results["errors"] = errors
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        loras = setup_pack(tmp)
+        t0 = time.perf_counter()
+        model = load_model(tiny_sd15_state_dict())
+        results["model_family"] = type(model.model.model_config).__name__
+        results["model_load_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sampling_checks(model)
+        results["sampling_seconds"] = time.perf_counter() - t0
+        lora_checks(model, loras)
+        error_checks(model, loras)
+    with open(OUT, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
