@@ -133,3 +133,13 @@ def test_docs_table_matches_workflows():
     _, built = build.expected_files(SCHEMAS)
     docs = (REPO / "docs" / "workflows.md").read_text()
     assert build.docs_table(built) in docs, "run `python -m workflows.build` and paste the table into docs/workflows.md"
+
+
+def test_every_pack_node_input_has_a_tooltip():
+    """Contract rule, checked on the schema ComfyUI itself produced for this pack's nodes."""
+    pack = json.loads((REPO / "workflows" / "schemas" / "pack_object_info.json").read_text())
+    assert "HyperSDScribblePreprocessor" in pack
+    for node, info in pack.items():
+        for section in info["input"].values():
+            for name, spec in section.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
