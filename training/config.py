@@ -1,0 +1,289 @@
+"""Training config: dataclass schema, YAML/JSON loading, `--set key=value` overrides, validation.
+
+Unknown keys are errors that suggest the nearest valid key; bad values name the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    base: str = "tiny"            # "tiny" | diffusers folder | .safetensors file | hub id
+    family: str = "auto"          # auto | sd15 | sdxl
+    prediction_type: str = "auto"  # auto | epsilon | v_prediction
+    single_file_config: str = ""  # local diffusers config folder for single-file checkpoints
+    revision: str = ""
+    tiny_pretrain_steps: int = 300  # tiny teacher: denoising pre-training steps (see tiny.py)
+    tiny_vae_steps: int = 150
+
+
+@dataclass
+class DataConfig:
+    source: str = "generated"     # "generated" (tiny shapes) or a folder / .jsonl manifest
+    resolution: int = 32
+    num_generated: int = 64
+    caption_dropout: float = 0.0
+    num_workers: int = 0
+    cache_dir: str = ""
+    extra: dict = field(default_factory=dict)  # passed through to training.data.build_dataset
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    targets: list = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+        "conv1", "conv2", "conv_shortcut", "time_emb_proj"])
+    init_from: str = ""           # optional kohya LoRA to start from (not yet supported)
+
+
+@dataclass
+class TSCDConfig:
+    num_ddim_timesteps: int = 48
+    w_min: float = 3.0
+    w_max: float = 8.0
+    loss: str = "huber"           # huber | l2
+    huber_c: float = 0.001
+    ema_decay: float = 0.95       # 0 = target from the student's own LoRA (stop-grad)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    lr_scheduler: str = "constant_with_warmup"  # constant | constant_with_warmup | cosine | linear
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    batch_size: int = 8           # GLOBAL batch per optimizer step (all processes x accumulation)
+    grad_accum: int = 1
+    mixed_precision: str = "no"   # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/hyper-sd-tiny"
+    name: str = "hyper_sd_lora"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    sample_steps: list = field(default_factory=lambda: [1, 2, 4, 8])
+    sample_prompts: list = field(default_factory=lambda: ["a red circle", "a blue square"])
+    sample_eta: float = 1.0
+    tensorboard: bool = False
+
+
+@dataclass
+class StageConfig:
+    type: str = "tscd"
+    segments: int = 8
+    steps: int = 30
+    weight: float = 1.0
+    params: dict = field(default_factory=dict)  # stage-type specific options
+
+
+def _default_stages():
+    return [StageConfig(segments=k, steps=s) for k, s in ((8, 25), (4, 25), (2, 25), (1, 25))]
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    tscd: TSCDConfig = field(default_factory=TSCDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    stages: list = field(default_factory=_default_stages)
+
+    @property
+    def total_steps(self):
+        return sum(s.steps for s in self.stages)
+
+
+CHOICES = {
+    "model.family": ("auto", "sd15", "sdxl"),
+    "model.prediction_type": ("auto", "epsilon", "v_prediction"),
+    "tscd.loss": ("huber", "l2"),
+    "optim.lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
+    "optim.mixed_precision": ("no", "fp16", "bf16"),
+}
+POSITIVE = {"data.resolution", "lora.rank", "tscd.num_ddim_timesteps", "optim.batch_size",
+            "optim.grad_accum", "output.checkpoint_every", "output.log_every", "optim.lr",
+            "lora.alpha", "output.keep_checkpoints"}
+UNIT_INTERVAL = {"tscd.ema_decay", "data.caption_dropout"}
+
+
+def _coerce(value, typ, key):
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ in (list, dict):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                if typ is list:
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, typ):
+            return value
+    raise ConfigError(f"config key '{key}': expected {typ.__name__}, got {value!r}")
+
+
+def _unknown(key, valid):
+    near = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls, data, prefix):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown(full, names)
+        typ = hints[key]
+        if key == "stages" and cls is TrainConfig:
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"config key 'stages': expected a JSON list of stages ({e})") from e
+            if not isinstance(value, list) or not value:
+                raise ConfigError("config key 'stages': expected a non-empty list of stage mappings")
+            kwargs[key] = [_build(StageConfig, s, f"stages[{i}].") for i, s in enumerate(value)]
+        elif dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, full + ".")
+        else:
+            kwargs[key] = _coerce(value, get_origin(typ) or typ, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree, key, value, cls=TrainConfig):
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts):
+        if part.startswith("stages[") or (i > 0 and parts[i - 1] == "stages" and part.isdigit()):
+            raise ConfigError(f"--set {key}: set stages with --set stages='[...]' (JSON)")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise _unknown(".".join(parts[: i + 1]), names)
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node = node.setdefault(part, {})
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {_get(cfg, key)!r}")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= _get(cfg, key) < 1.0 + (key == "data.caption_dropout"):
+            raise ConfigError(f"config key '{key}': must be in [0, 1), got {_get(cfg, key)!r}")
+    t = cfg.tscd
+    if not 1.0 <= t.w_min <= t.w_max:
+        raise ConfigError(f"config keys 'tscd.w_min'/'tscd.w_max': need 1 <= w_min <= w_max, got {t.w_min}, {t.w_max}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas': expected two numbers in [0, 1), got {cfg.optim.betas}")
+    if not cfg.lora.targets:
+        raise ConfigError("config key 'lora.targets': need at least one target module name")
+    from .stages import known_stage_types
+    for i, s in enumerate(cfg.stages):
+        if s.type not in known_stage_types():
+            near = difflib.get_close_matches(s.type, known_stage_types(), n=1)
+            raise ConfigError(f"config key 'stages[{i}].type': unknown stage type {s.type!r}"
+                              + (f"; did you mean {near[0]!r}?" if near else f"; known: {known_stage_types()}"))
+        if s.steps < 1:
+            raise ConfigError(f"config key 'stages[{i}].steps': must be >= 1, got {s.steps}")
+        if s.segments < 1 or t.num_ddim_timesteps % s.segments:
+            raise ConfigError(f"config key 'stages[{i}].segments': {s.segments} must be >= 1 and divide "
+                              f"tscd.num_ddim_timesteps={t.num_ddim_timesteps}")
+    from .data import DataConfig as _DataConfig, DataError
+    try:
+        _DataConfig.from_dict(dataclasses.asdict(cfg.data))
+    except DataError as e:
+        raise ConfigError(str(e)) from e
+    if t.num_ddim_timesteps > 1000:
+        raise ConfigError("config key 'tscd.num_ddim_timesteps': must be <= 1000")
+    if cfg.output.checkpoint_every < 1:
+        raise ConfigError("config key 'output.checkpoint_every': must be >= 1")
+    for n in cfg.output.sample_steps:
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"config key 'output.sample_steps': entries must be ints >= 1, got {n!r}")
+    return cfg
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    tree: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            text = f.read()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            tree = yaml.safe_load(text) or {}
+        else:
+            tree = json.loads(text)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key.strip(), value)
+    return validate(_build(TrainConfig, tree, ""))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,149 @@
+"""Base models: tiny built-ins, a local diffusers folder, a single-file checkpoint, or a hub id."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class ModelError(ValueError):
+    pass
+
+
+@dataclass
+class Base:
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    family: str               # sd15 | sdxl
+    prediction_type: str      # epsilon | v_prediction
+    abar: torch.Tensor        # float64 alphas_cumprod
+    extra: dict = field(default_factory=dict)
+
+
+def scheduler_abar(scheduler_config: dict | None = None) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    cfg.update({k: v for k, v in (scheduler_config or {}).items() if k in cfg})
+    betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, cfg["num_train_timesteps"],
+                           dtype=torch.float64) ** 2
+    if cfg["beta_schedule"] != "scaled_linear":
+        return DDPMScheduler(**cfg).alphas_cumprod.to(torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def build_tiny() -> Base:
+    from . import tiny
+
+    return Base(tiny.tiny_unet(), tiny.tiny_vae(), [tiny.tiny_text_encoder()], [tiny.tiny_tokenizer()],
+                "sd15", "epsilon", scheduler_abar())
+
+
+def _resolve(base: str, revision: str) -> str:
+    """Local folder as is; otherwise treat it as a hub id and download (clear error offline)."""
+    if os.path.isdir(base):
+        return base
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", base) or base.startswith((".", "/")):
+        raise ModelError(f"config key 'model.base': {base!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(base, revision=revision or None,
+                                 allow_patterns=["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors",
+                                                 "text_encoder*/*.safetensors", "tokenizer*/*"])
+    except Exception as e:  # offline, unknown repo, auth: all end here
+        raise ModelError(f"config key 'model.base': {base!r} is not a local folder and could not be "
+                         f"downloaded from the Hugging Face hub ({type(e).__name__}: {e}). Pass a local "
+                         "diffusers folder or a .safetensors checkpoint.") from e
+
+
+def _detect_family(path: str, family: str) -> str:
+    if family != "auto":
+        return family
+    return "sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd15"
+
+
+def load_diffusers_folder(path: str, family: str, prediction_type: str, dtype=torch.float32) -> Base:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    for sub in ("unet", "vae", "text_encoder", "tokenizer"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise ModelError(f"config key 'model.base': {path} is not a diffusers pipeline folder (no {sub}/)")
+    family = _detect_family(path, family)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)]
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+    if family == "sdxl":
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype))
+        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+    sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler").config
+    pt = sched.get("prediction_type", "epsilon") if prediction_type == "auto" else prediction_type
+    return Base(unet, vae, encoders, tokenizers, family, pt, scheduler_abar(sched))
+
+
+def load_single_file(path: str, family: str, prediction_type: str, config_dir: str) -> Base:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    kwargs = {"config": config_dir, "local_files_only": True} if config_dir else {}
+    try:
+        pipe = cls.from_single_file(path, **kwargs)
+    except Exception as e:
+        raise ModelError(
+            f"config key 'model.base': could not load single-file checkpoint {path} "
+            f"({type(e).__name__}: {e}). Offline, set 'model.single_file_config' to a local diffusers "
+            "folder with the matching model_index.json / */config.json, and 'model.family' (sd15|sdxl).") from e
+    fam = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd15"
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if fam == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if fam == "sdxl" else [])
+    pt = pipe.scheduler.config.get("prediction_type", "epsilon") if prediction_type == "auto" else prediction_type
+    return Base(pipe.unet, pipe.vae, encoders, tokenizers, fam, pt, scheduler_abar(dict(pipe.scheduler.config)))
+
+
+def load_base(model_cfg) -> Base:
+    base = model_cfg.base
+    if base == "tiny":
+        b = build_tiny()
+        if model_cfg.prediction_type != "auto":
+            b.prediction_type = model_cfg.prediction_type
+        return b
+    if os.path.isfile(base):
+        if not base.endswith(".safetensors"):
+            raise ModelError(f"config key 'model.base': {base} must be a .safetensors checkpoint "
+                             "(pickle checkpoints are not loaded)")
+        return load_single_file(base, model_cfg.family, model_cfg.prediction_type, model_cfg.single_file_config)
+    path = _resolve(base, model_cfg.revision)
+    return load_diffusers_folder(path, model_cfg.family, model_cfg.prediction_type)
+
+
+def _tokenize(tokenizer, prompts, device):
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(base: Base, prompts: list[str], device, size_hw=None, crop_tl=None, target_hw=None):
+    """Prompts -> UNet kwargs. SD1.5: last hidden state. SDXL: penultimate states of both encoders
+    concatenated, pooled text_embeds from encoder 2 and time_ids (original size, crop, target size)."""
+    if base.family == "sd15":
+        te = base.text_encoders[0]
+        return {"encoder_hidden_states": te(_tokenize(base.tokenizers[0], prompts, device))[0]}
+    states, pooled = [], None
+    for te, tok in zip(base.text_encoders, base.tokenizers):
+        out = te(_tokenize(tok, prompts, device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
+    n = len(prompts)
+    def col(v, default):
+        v = torch.as_tensor(default if v is None else v, device=device).reshape(-1, 2)
+        return v.expand(n, 2) if len(v) == 1 else v
+    time_ids = torch.cat([col(size_hw, (1024, 1024)), col(crop_tl, (0, 0)), col(target_hw, (1024, 1024))], 1)
+    return {"encoder_hidden_states": torch.cat(states, -1),
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}}

@@ -1,0 +1,244 @@
+"""`python -m training.run [--config FILE] [--set key=value ...] [--resume latest] [--overwrite]`.
+
+Distils a Hyper-SD LoRA with TSCD (stages 8 -> 4 -> 2 -> 1). See docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from .config import ConfigError, load_config, to_dict
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[2])
+    p.add_argument("--config", help="YAML or JSON config (default: the embedded tiny CPU run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def prepare_output(out_dir, resume, overwrite, accelerator):
+    if accelerator.is_main_process:
+        if os.path.isdir(out_dir) and os.listdir(out_dir) and not resume:
+            if not overwrite:
+                raise FileExistsError(f"output folder {out_dir} exists and is not empty; pass --overwrite "
+                                      "to replace it or --resume latest to continue")
+            shutil.rmtree(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def tiny_teacher(base, cfg, ds, out_dir, accelerator):
+    """Pre-train the tiny teacher once (main process), save it, and load it everywhere."""
+    from safetensors.torch import load_file
+
+    from . import tiny
+    from .data import collate
+    from .export import save_file_atomic
+
+    path = os.path.join(out_dir, "tiny_teacher.safetensors")
+    if accelerator.is_main_process and not os.path.exists(path):
+        batch = collate([ds[i] for i in range(len(ds))])
+        tiny.pretrain_tiny(base.unet, base.vae, base.text_encoders[0], base.tokenizers[0],
+                           batch["pixel_values"], batch["caption"], base.abar, steps=cfg.model.tiny_pretrain_steps,
+                           vae_steps=cfg.model.tiny_vae_steps, seed=cfg.seed)
+        state = {f"unet.{k}": v for k, v in base.unet.state_dict().items()}
+        state.update({f"vae.{k}": v for k, v in base.vae.state_dict().items()})
+        save_file_atomic({k: v.contiguous() for k, v in state.items()}, path)
+    accelerator.wait_for_everyone()
+    state = load_file(path)
+    base.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    base.vae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vae.")})
+
+
+def stage_at(stages, step):
+    """(index, stage) in force at global step `step` (0-based)."""
+    end = 0
+    for i, s in enumerate(stages):
+        end += s.steps
+        if step < end:
+            return i, s
+    return len(stages) - 1, stages[-1]
+
+
+def micro_batch(ds, sampler, m, cfg, accelerator, base, encode, device, dtype):
+    """Global micro-batch m: this process's slice plus randoms drawn for the whole global batch."""
+    from .data import collate
+
+    per_epoch = len(sampler)
+    epoch, pos = divmod(m, per_epoch)
+    ds.set_epoch(epoch)
+    global_idx = sampler.global_batches(epoch)[pos]
+    n, r = accelerator.num_processes, accelerator.process_index
+    b = len(global_idx) // n
+    batch = collate([ds[i] for i in global_idx[r * b:(r + 1) * b]])
+    with torch.no_grad():
+        px = batch["pixel_values"].to(device, torch.float32)
+        latents = base.vae.encode(px).latent_dist.mean * base.vae.config.scaling_factor
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + m + 17)
+    noise = torch.randn((len(global_idx), *latents.shape[1:]), generator=g)[r * b:(r + 1) * b]
+    u = torch.rand((len(global_idx), 8), generator=g, dtype=torch.float64)[r * b:(r + 1) * b]
+    captions = [c if float(uu[2]) >= cfg.data.caption_dropout else "" for c, uu in zip(batch["caption"], u)]
+    hw = batch.get("original_size"), batch.get("crop_top_left"), batch.get("target_size")
+    cond = encode(captions, *hw)
+    uncond = encode([""] * len(captions), *hw)
+    return {"latents": latents.to(dtype), "noise": noise.to(device, dtype), "u": u.to(device),
+            "cond": cond, "uncond": uncond, "captions": captions}
+
+
+def train(cfg, args):
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from . import checkpoint as ckpt
+    from .data import BucketBatchSampler, build_dataset
+    from .export import export_lora, lora_metadata
+    from .logging_utils import RunLogger
+    from .lora import EMA, adapters_disabled, add_lora
+    from .models import encode_prompts, load_base
+    from .stages import StageContext, load_stage_module
+    from .tscd import DDIMGrid
+
+    t_start = time.time()
+    accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision)
+    out_dir = cfg.output.dir
+    n_proc = accelerator.num_processes
+    micro_global = cfg.optim.batch_size // cfg.optim.grad_accum
+    if cfg.optim.batch_size % (cfg.optim.grad_accum * n_proc):
+        raise ConfigError(f"config key 'optim.batch_size': {cfg.optim.batch_size} must be divisible by "
+                          f"optim.grad_accum ({cfg.optim.grad_accum}) x processes ({n_proc})")
+    prepare_output(out_dir, args.resume, args.overwrite, accelerator)
+    if accelerator.is_main_process:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=1)
+    torch.manual_seed(cfg.seed)
+    ds = build_dataset(to_dict(cfg)["data"])
+    sampler = BucketBatchSampler(ds.bucket_ids, micro_global, seed=cfg.seed)
+    base = load_base(cfg.model)
+    if cfg.model.base == "tiny":
+        tiny_teacher(base, cfg, ds, out_dir, accelerator)
+    device = accelerator.device
+    for m in [base.unet, base.vae, *base.text_encoders]:
+        m.requires_grad_(False).to(device).eval()
+    base.abar = base.abar.to(device)
+    if cfg.optim.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    torch.manual_seed(cfg.seed)
+    params = add_lora(base.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    ema = EMA(params, cfg.tscd.ema_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    lr_sched = get_scheduler(cfg.optim.lr_scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps,
+                             num_training_steps=cfg.total_steps)
+    student, opt = accelerator.prepare(base.unet, opt)
+    accelerator.register_for_checkpointing(lr_sched, ema)
+    unet = accelerator.unwrap_model(student)
+
+    step = 0
+    resume = ckpt.resolve_resume(args.resume, out_dir) if args.resume else None
+    if resume:
+        step = ckpt.load_checkpoint(accelerator, resume)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.optim.mixed_precision, torch.float32)
+
+    def encode(prompts, size_hw=None, crop_tl=None, target_hw=None):
+        return encode_prompts(base, prompts, device, size_hw, crop_tl, target_hw)
+
+    ctx = StageContext(accelerator, student, unet, base.vae, base.abar, DDIMGrid(base.abar, cfg.tscd.num_ddim_timesteps),
+                       base.prediction_type, cfg, encode, teacher=lambda: adapters_disabled(unet), target=ema.swapped)
+    logger = RunLogger(out_dir, cfg.total_steps, step, enabled=accelerator.is_main_process and not args.quiet,
+                       tensorboard=cfg.output.tensorboard)
+    stage_losses, current, module = {}, None, None
+    ga = cfg.optim.grad_accum
+    student.train()
+    while step < cfg.total_steps:
+        idx, stage = stage_at(cfg.stages, step)
+        if idx != current:
+            current, module = idx, load_stage_module(stage.type)
+            ctx.state = {}
+            if hasattr(module, "setup"):
+                module.setup(ctx, stage)
+        ctx.step = step
+        logs = {}
+        for micro in range(ga):
+            batch = micro_batch(ds, sampler, step * ga + micro, cfg, accelerator, base, encode, device, dtype)
+            sync = accelerator.no_sync(student) if micro < ga - 1 else _null()
+            with sync, accelerator.autocast():
+                loss, logs = module.stage_loss(ctx, batch, stage)
+                accelerator.backward(loss * stage.weight / ga)
+        if cfg.optim.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update()
+        step += 1
+        loss_global = float(accelerator.reduce(loss.detach().float().reshape(1), "mean"))
+        stage_losses.setdefault(idx, []).append(loss_global)
+        logger.log(step, f"stage {idx + 1}/{len(cfg.stages)} {stage.type} k={stage.segments}",
+                   {"loss": loss_global, "lr": lr_sched.get_last_lr()[0], **logs})
+        if step % cfg.output.checkpoint_every == 0 or step == cfg.total_steps:
+            ckpt.save_checkpoint(accelerator, out_dir, step, cfg.output.keep_checkpoints)
+    logger.close()
+    train_time = time.time() - t_start
+    if accelerator.is_main_process:
+        finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out_dir
+
+
+def finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device):
+    from .export import export_lora, lora_metadata
+    from .sampling import save_png_atomic, tcd_grid
+
+    unet.eval()
+    lora_path = os.path.join(out_dir, cfg.output.name + ".safetensors")
+    n_keys = export_lora(unet, lora_path, lora_metadata(cfg, base.family, base.prediction_type))
+    res = cfg.data.resolution // (2 ** (len(base.vae.config.block_out_channels) - 1))
+    t0 = time.time()
+    grid = tcd_grid(unet, base.vae, base, lambda p: encode(p), cfg.output.sample_prompts, cfg.output.sample_steps,
+                    cfg.output.sample_eta, (unet.config.in_channels, res, res), cfg.seed, device)
+    save_png_atomic(grid, os.path.join(out_dir, "samples.png"))
+    metrics = {"lora": lora_path, "lora_keys": n_keys, "steps": cfg.total_steps, "train_seconds": train_time,
+               "sample_seconds": time.time() - t0, "family": base.family, "prediction_type": base.prediction_type,
+               "stages": [{"type": s.type, "segments": s.segments, "steps": s.steps,
+                           "mean_loss": sum(stage_losses.get(i, [float("nan")])) / max(1, len(stage_losses.get(i, []))),
+                           "last_loss": stage_losses.get(i, [float("nan")])[-1]}
+                          for i, s in enumerate(cfg.stages)]}
+    tmp = os.path.join(out_dir, ".tmp-metrics.json")
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from .data import DataError
+    from .models import ModelError
+
+    try:
+        cfg = load_config(args.config, args.set)
+        return train(cfg, args)
+    except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
