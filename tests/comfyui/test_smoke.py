@@ -62,3 +62,44 @@ def test_pack_registers_hypersd_nodes(comfy_server):
             for input_name, spec in info[name]["input"].get(section, {}).items():
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+def _with_core_lora(prompt: dict, lora_name: str, strength: float = 1.0) -> dict:
+    prompt["lora"] = {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": ["ckpt", 0], "lora_name": lora_name, "strength_model": strength}}
+    prompt["sampler"]["inputs"]["model"] = ["lora", 0]
+    return prompt
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_core_lora_loader_maps_every_kohya_key_of_tiny_lora(comfy_server, tiny_models, tmp_path, family):
+    """The kohya builder names modules the way ComfyUI maps them: no 'lora key not loaded'."""
+    from .tiny_checkpoints import ATTENTION_TARGETS, SD15_UNET, SDXL_UNET, build_kohya_lora
+
+    spec, ckpt = (SD15_UNET, tiny_models.sd15_checkpoint) if family == "sd15" else \
+        (SDXL_UNET, tiny_models.sdxl_checkpoint)
+    targets = ATTENTION_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "time_emb_proj", "conv1")
+    lora = build_kohya_lora(tmp_path / f"tiny-{family}-kohya.safetensors", spec, rank=2, alpha=1.0, targets=targets)
+    ckpt_name = comfy_server.add_model("checkpoints", ckpt)
+    lora_name = comfy_server.add_model("loras", lora)
+    log_before = len(comfy_server.log())
+    result = comfy_server.run_prompt(_with_core_lora(core_txt2img_prompt(ckpt_name, seed=3), lora_name))
+    assert result.ok, result.error_text()
+    run_log = comfy_server.log()[log_before:]
+    assert "lora key not loaded" not in run_log, run_log[-3000:]
+    comfy_server.free_memory()
+
+
+def test_core_lora_loader_drops_peft_attention_keys(comfy_server, tiny_models, tmp_path):
+    """Reference fact (ComfyUI issues 3163/9753): diffusers-PEFT attention keys are not loaded by core."""
+    from .tiny_checkpoints import SD15_UNET, build_peft_lora
+
+    lora = build_peft_lora(tmp_path / "tiny-sd15-peft.safetensors", SD15_UNET, rank=2)
+    ckpt_name = comfy_server.add_model("checkpoints", tiny_models.sd15_checkpoint)
+    lora_name = comfy_server.add_model("loras", lora)
+    log_before = len(comfy_server.log())
+    result = comfy_server.run_prompt(_with_core_lora(core_txt2img_prompt(ckpt_name, seed=4), lora_name))
+    assert result.ok, result.error_text()
+    run_log = comfy_server.log()[log_before:]
+    assert "lora key not loaded: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" \
+        in run_log, run_log[-3000:]
