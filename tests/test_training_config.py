@@ -1,0 +1,62 @@
+"""Config schema: unknown keys suggest the nearest key, bad values name the key, bad paths are clear."""
+import json
+
+import pytest
+
+from training.config import ConfigError, load_config
+
+
+def test_defaults_valid():
+    cfg = load_config()
+    assert [s.segments for s in cfg.stages] == [8, 4, 2, 1]
+    assert cfg.tscd.num_ddim_timesteps % 8 == 0
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean 'lr'"):
+        load_config(None, ["optim.lrr=1e-4"])
+    with pytest.raises(ConfigError, match="did you mean 'output'"):
+        load_config(None, ["outptu.dir=x"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("tscd:\n  num_ddim_timestep: 48\n")
+    with pytest.raises(ConfigError, match="tscd.num_ddim_timestep.*num_ddim_timesteps"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1", "optim.lr"), ("optim.lr=abc", "optim.lr"), ("lora.rank=0", "lora.rank"),
+    ("tscd.loss=l3", "tscd.loss"), ("tscd.ema_decay=1.5", "tscd.ema_decay"),
+    ("tscd.w_min=9", "tscd.w_min"), ("optim.mixed_precision=fp8", "optim.mixed_precision"),
+    ("tscd.num_ddim_timesteps=50", "stages[0].segments"),
+    ('stages=[{"type": "tscdd", "segments": 8, "steps": 1}]', "stages[0].type"),
+    ('stages=[{"segments": 8, "step": 1}]', "stages[0].step"),
+    ("data.resolution=4", "data.resolution"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_json_config_and_overrides(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"optim": {"lr": 1e-4}, "stages": [{"segments": 2, "steps": 5}]}))
+    cfg = load_config(str(p), ["optim.batch_size=4", "lora.targets=to_q,to_v"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.batch_size == 4 and cfg.total_steps == 5
+    assert cfg.lora.targets == ["to_q", "to_v"]
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_shipped_configs_load():
+    import glob
+    files = glob.glob("training/configs/*.yaml")
+    assert len(files) >= 3
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.model.base != "tiny"
