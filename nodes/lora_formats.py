@@ -225,9 +225,9 @@ def lora_family(state_dict: dict) -> str | None:
     if any("joint_blocks" in k or "context_block" in k or ".add_q_proj" in k for k in keys):
         return "SD3"
     for k, t in state_dict.items():
-        if ("attn2_to_k" in k or "attn2.to_k" in k) and ("lora_down" in k or "lora_A" in k or "down" in k):
-            width = t.shape[1] if t.ndim >= 2 else None
-            return {768: "SD15", 1024: "SD2", 2048: "SDXL"}.get(width)
+        split = _split_suffix(k)
+        if split and split[1] == "down" and split[0].replace(".", "_").endswith("attn2_to_k") and t.ndim >= 2:
+            return {768: "SD15", 1024: "SD2", 2048: "SDXL"}.get(t.shape[1])
     if any(k.startswith("lora_te2_") or k.startswith("text_encoder_2.") for k in keys):
         return "SDXL"
     return None

@@ -104,7 +104,10 @@ def test_alpha_keys_follow_their_module():
 @pytest.mark.parametrize("width,family", [(768, "SD15"), (2048, "SDXL"), (1024, "SD2")])
 def test_family_from_cross_attention_width(width, family):
     key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
-    assert lf.lora_family({key: torch.zeros(4, width)}) == family
+    alpha = key.replace(".lora_down.weight", ".alpha")  # scalar first: must not end the search
+    assert lf.lora_family({alpha: torch.tensor(4.0), key: torch.zeros(4, width)}) == family
+    peft = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
+    assert lf.lora_family({peft: torch.zeros(4, width)}) == family
 
 
 def test_match_modules_reports_matched_unmatched_and_shape_mismatch():

@@ -178,39 +178,53 @@ def sampling_checks(model):
 
 # -- LoRA files from the model's real diffusers names -----------------------------------------------
 
-def lora_modules(model):
-    """(diffusers module path, comfy weight key, shape) for attention/proj/ff/conv weights."""
-    diffusers = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    sd = model.model.state_dict()
-    picks = []
-    for dkey, ckey in sorted(diffusers.items()):
-        if not dkey.endswith(".weight"):
-            continue
-        path = dkey[: -len(".weight")]
-        if any(path.endswith(s) for s in ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1")):
-            w = sd["diffusion_model." + ckey]
-            picks.append((path, "diffusion_model." + ckey, tuple(w.shape)))
-    return picks
+def diffusers_to_comfy(model):
+    """diffusers module path -> ComfyUI weight key, from ComfyUI's own mapping."""
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return {d[: -len(".weight")]: "diffusion_model." + c for d, c in mapping.items() if d.endswith(".weight")}
 
 
-def make_lora(picks, fmt, rank=4, alpha=2.0, seed=0):
+def lora_weights_for(model, targets, rank=4, seed=0):
+    """diffusers path -> (down, up) for the model's modules ending in one of ``targets``."""
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
     g = torch.Generator().manual_seed(seed)
-    sd, deltas = {}, {}
-    for path, ckey, shape in picks:
-        down = torch.randn((rank, shape[1]) + tuple(shape[2:3] and (1, 1)), generator=g) * 0.1
-        up = torch.randn((shape[0], rank) + tuple(shape[2:3] and (1, 1)), generator=g) * 0.1
-        if len(shape) == 4 and shape[2] == 3:  # 3x3 conv: down carries the kernel
-            down = torch.randn((rank, shape[1], 3, 3), generator=g) * 0.1
-        scale = alpha / rank if fmt == "kohya" else 1.0
-        delta = up.flatten(1) @ down.flatten(1)
-        deltas[ckey] = (delta.reshape(shape) * scale)
+    out = {}
+    for path, ckey in sorted(diffusers_to_comfy(model).items()):
+        if not any(path.endswith(t) for t in targets) or ckey not in shapes:
+            continue  # ComfyUI's mapping also lists blocks this tiny model does not have
+        shape = shapes[ckey]
+        kernel = shape[2:]
+        down = torch.randn((rank, shape[1], *kernel), generator=g) * 0.1
+        up = torch.randn((shape[0], rank, *((1,) * len(kernel))), generator=g) * 0.1
+        out[path] = (down, up)
+    return out
+
+
+def lora_file(weights, fmt, alpha):
+    sd = {}
+    for path, (down, up) in weights.items():
         if fmt == "kohya":
             name = "lora_unet_" + path.replace(".", "_")
             sd[name + ".lora_up.weight"], sd[name + ".lora_down.weight"] = up, down
             sd[name + ".alpha"] = torch.tensor(alpha)
-        else:
+        elif fmt == "peft":
             sd[f"unet.{path}.lora_B.weight"], sd[f"unet.{path}.lora_A.weight"] = up, down
-    return sd, deltas
+        elif fmt == "peft_base_model":
+            sd[f"base_model.model.{path}.lora_B.weight"], sd[f"base_model.model.{path}.lora_A.weight"] = up, down
+        elif fmt == "diffusers_old":  # attention processors only
+            block, _, proj = path.rpartition(".")
+            proj = {"0": "to_out"}.get(proj, proj)
+            block = block[: -len(".to_out")] if proj == "to_out" else block
+            sd[f"unet.{block}.processor.{proj}_lora.up.weight"] = up
+            sd[f"unet.{block}.processor.{proj}_lora.down.weight"] = down
+    return sd
+
+
+def expected_deltas(model, weights, scale):
+    to_comfy = diffusers_to_comfy(model)
+    shapes = {k: v.shape for k, v in model.model.state_dict().items()}
+    return {to_comfy[p]: (up.flatten(1) @ down.flatten(1)).reshape(shapes[to_comfy[p]]) * scale
+            for p, (down, up) in weights.items()}
 
 
 def patched_weights(model_patcher, keys):
@@ -223,19 +237,22 @@ def patched_weights(model_patcher, keys):
         comfy.model_management.unload_all_models()
 
 
-def lora_checks(model, loras_dir):
+ALL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1")
+ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_checks(model, loras_dir, tag, formats):
     from safetensors.torch import save_file
 
     M = nodes.NODE_CLASS_MAPPINGS
-    picks = lora_modules(model)
-    results["lora_modules_in_tiny_model"] = len(picks)
     base = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-    for fmt in ("kohya", "peft"):
-        sd, deltas = make_lora(picks, fmt)
-        name = f"tiny_sd15_{fmt}.safetensors"
-        save_file(sd, os.path.join(loras_dir, name))
+    rank, alpha, strength = 4, 2.0, 0.7
+    for fmt in formats:
+        weights = lora_weights_for(model, ATTN_TARGETS if fmt == "diffusers_old" else ALL_TARGETS, rank)
+        deltas = expected_deltas(model, weights, alpha / rank if fmt == "kohya" else 1.0)
+        name = f"tiny_{tag}_{fmt}.safetensors"
+        save_file(lora_file(weights, fmt, alpha), os.path.join(loras_dir, name))
         LOG.messages.clear()
-        strength = 0.7
         out = M["HyperSDLoraLoader"].execute(model=model, release="none (use lora_name)", lora_name=name,
                                              strength_model=strength, strength_clip=1.0, download_missing=False)
         new_model, info = out.result[0], out.result[7]
@@ -243,16 +260,35 @@ def lora_checks(model, loras_dir):
         got = patched_weights(new_model, list(deltas))
         err = max(float((got[k] - (base[k] + strength * deltas[k])).abs().max()) for k in deltas)
         changed = sum(not torch.equal(got[k], base[k]) for k in deltas)
-        results[f"lora_{fmt}"] = {"info": info, "lora_key_not_loaded": not_loaded, "max_abs_err": err,
-                                  "changed_weights": changed, "expected_changed": len(deltas),
-                                  "outputs": [out.result[i] for i in (2, 3, 4, 5, 6)]}
+        results[f"lora_{tag}_{fmt}"] = {"info": info, "lora_key_not_loaded": not_loaded, "max_abs_err": err,
+                                        "changed_weights": changed, "expected_changed": len(deltas),
+                                        "outputs": [out.result[i] for i in (2, 3, 4, 5, 6)]}
         if fmt == "peft":  # ComfyUI's own loader on the raw PEFT file, for contrast
             LOG.messages.clear()
-            comfy.sd.load_lora_for_models(model, None, sd, 1.0, 1.0)
-            results["core_loader_peft_not_loaded"] = sum("lora key not loaded" in m for m in LOG.messages)
-    # base model untouched
+            comfy.sd.load_lora_for_models(model, None, lora_file(weights, fmt, alpha), 1.0, 1.0)
+            results[f"core_loader_{tag}_peft_not_loaded"] = sum("lora key not loaded" in m for m in LOG.messages)
     now = model.model.state_dict()
-    results["base_model_unchanged"] = all(torch.equal(now[k], base[k]) for k in base)
+    results[f"base_model_unchanged_{tag}"] = all(torch.equal(now[k], base[k]) for k in base)
+
+
+def sdxl_checks(loras_dir):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tiny_checkpoints as tc
+
+    t0 = time.perf_counter()
+    model = load_model(tc.random_weights(tc.SDXL_UNET.ldm_shapes(), 0, dtype=torch.float32))
+    results["sdxl_model_family"] = type(model.model.model_config).__name__
+    results["sdxl_model_load_seconds"] = time.perf_counter() - t0
+    lora_checks(model, loras_dir, "sdxl", ("kohya", "peft", "peft_base_model", "diffusers_old"))
+    errors = {}
+    try:  # an SD1.5 LoRA (made for the tiny SD1.5 model) on the SDXL-family model
+        nodes.NODE_CLASS_MAPPINGS["HyperSDLoraLoader"].execute(
+            model=model, release="none (use lora_name)", lora_name="tiny_sd15_kohya.safetensors",
+            strength_model=1.0, strength_clip=1.0, download_missing=False)
+        errors["sd15_lora_on_sdxl"] = None
+    except Exception as e:  # noqa: BLE001
+        errors["sd15_lora_on_sdxl"] = f"{type(e).__name__}: {e}"
+    results.setdefault("errors", {}).update(errors)
 
 
 def error_checks(model, loras_dir):
@@ -310,7 +346,7 @@ def error_checks(model, loras_dir):
     sampler = M["HyperSDOneStepSampler"].execute(unit_variance_noise=True).result[0]
     sigmas = M["HyperSDOneStepScheduler"].execute(model=nan_model, timestep=800).result[0]
     capture("nan_one_step", lambda: M["SamplerCustom"]().sample(nan_model, True, 0, 1.0, positive, positive, sampler, sigmas, latent))
-    results["errors"] = errors
+    results.setdefault("errors", {}).update(errors)
 
 
 def main():
@@ -323,8 +359,10 @@ def main():
         t0 = time.perf_counter()
         sampling_checks(model)
         results["sampling_seconds"] = time.perf_counter() - t0
-        lora_checks(model, loras)
+        lora_checks(model, loras, "sd15", ("kohya", "peft", "peft_base_model", "diffusers_old"))
         error_checks(model, loras)
+        del model
+        sdxl_checks(loras)
     with open(OUT, "w") as f:
         json.dump(results, f, indent=1, default=str)
 
