@@ -1,0 +1,342 @@
+"""Distillation-quality benchmark on a task with known ground truth (``python -m benchmarks.quality``).
+
+A tiny pixel-space teacher (diffusers UNet2DConditionModel, eps prediction, SD's scaled-linear
+schedule) is trained from scratch on 16x16 coloured shapes with captions naming colour, shape and
+position. Sampling goes through the product's ``DiscreteDenoiser`` + ``sample_tcd`` (eta = 0 is DDIM).
+Metrics per row, on the same prompts and initial noise:
+
+* ``align``: accuracy of an attribute classifier (trained on ground truth) on colour / shape /
+  position vs the caption (CLIP-score analogue; mean of the three);
+* ``fd``: Frechet distance between classifier features of generated and real images (FID analogue);
+* ``dist25``: RMS pixel distance to the teacher's 25-step output from the same noise.
+
+Heavy parts (teacher, classifier, students) are cached under ``--cache`` (default
+``~/.cache/hypersd-bench``) keyed by the config, so a rerun only evaluates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks import shapes
+from benchmarks.distill import add_lora, distill
+from schedulers import DiscreteDenoiser, sample_tcd, scaled_linear_alphas_cumprod, tcd_sigmas
+
+FULL = dict(teacher_steps=400, teacher_batch=32, teacher_lr=2e-3, clf_steps=300, distill_steps=160,
+            distill_batch=16, distill_lr=1e-3, guidance=3.0, n_eval=128, n_train=20000, etas=(0.0, 0.5, 1.0))
+QUICK = dict(teacher_steps=10, teacher_batch=8, teacher_lr=1e-3, clf_steps=10, distill_steps=4,
+             distill_batch=4, distill_lr=1e-3, guidance=3.0, n_eval=16, n_train=256, etas=(1.0,))
+STEPS = (1, 2, 4, 8)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=shapes.SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=shapes.EMBED_DIM, attention_head_dim=8, norm_num_groups=8)
+
+
+def atomic_save(tensors: dict, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+class Task:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.text = shapes.TextEncoder()
+        self.labels = shapes.sample_labels(cfg["n_train"], seed=1)
+        self.images = shapes.make_images(self.labels, seed=1)
+
+    def batch(self, gen, n):
+        idx = torch.randint(len(self.labels), (n,), generator=gen)
+        return self.images[idx], self.text(self.labels[idx]), self.text.empty(n)
+
+
+# --- teacher ---------------------------------------------------------------------------------
+
+def train_teacher(task, cfg):
+    unet = make_unet()
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["teacher_lr"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["teacher_lr"], total_steps=cfg["teacher_steps"], pct_start=0.3)
+    abar = scaled_linear_alphas_cumprod().float()
+    gen = torch.Generator().manual_seed(0)
+    unet.train()
+    for step in range(cfg["teacher_steps"]):
+        x0, cond, uncond = task.batch(gen, cfg["teacher_batch"])
+        drop = torch.rand(len(x0), 1, 1, generator=gen) < 0.1  # unconditional branch for CFG
+        cond = torch.where(drop, uncond, cond)
+        t = torch.randint(0, 1000, (len(x0),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        loss = (unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, cond).sample - eps).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg["teacher_steps"] - 1:
+            log(f"teacher step {step + 1}/{cfg['teacher_steps']} loss {float(loss):.4f}")
+    unet.eval()
+    return unet
+
+
+# --- attribute classifier (metric) ----------------------------------------------------------------
+
+class Classifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        c = torch.nn
+        self.features = c.Sequential(
+            c.Conv2d(3, 32, 3, padding=1), c.SiLU(), c.Conv2d(32, 32, 3, padding=1, stride=2), c.SiLU(),
+            c.Conv2d(32, 64, 3, padding=1), c.SiLU(), c.Conv2d(64, 64, 3, padding=1, stride=2), c.SiLU(),
+            c.Flatten(), c.Linear(64 * 16, 64), c.SiLU())
+        self.heads = c.ModuleList([c.Linear(64, len(v)) for v in shapes.ATTRIBUTES.values()])
+
+    def forward(self, x):
+        f = self.features(x)
+        return f, [h(f) for h in self.heads]
+
+
+def train_classifier(task, cfg):
+    torch.manual_seed(0)
+    clf = Classifier()
+    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(cfg["clf_steps"]):
+        idx = torch.randint(len(task.labels), (64,), generator=gen)
+        x = task.images[idx] + 0.05 * torch.randn(task.images[idx].shape, generator=gen)  # robust to sampler noise
+        _, logits = clf(x.clamp(-1, 1))
+        loss = sum(torch.nn.functional.cross_entropy(lg, task.labels[idx, i]) for i, lg in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    clf.eval()
+    return clf
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    f1, f2 = f1.double(), f2.double()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+
+    def sqrtm_psd(m):
+        w, v = torch.linalg.eigh((m + m.T) / 2)
+        return (v * w.clamp_min(0).sqrt()) @ v.T
+
+    r1 = sqrtm_psd(s1)
+    cross = sqrtm_psd(r1 @ s2 @ r1)
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1 + s2 - 2 * cross))
+
+
+# --- sampling through the product's schedulers ------------------------------------------------------
+
+def denoiser(unet, lora: bool, guidance: float):
+    def unet_fn(x, t, cond, uncond):
+        if lora:
+            unet.enable_adapters()
+        elif hasattr(unet, "peft_config"):
+            unet.disable_adapters()
+        if guidance == 1.0:
+            return unet(x, t, cond).sample
+        e_c, e_u = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).sample.chunk(2)
+        return e_u + guidance * (e_c - e_u)
+
+    return DiscreteDenoiser(unet_fn)
+
+
+@torch.no_grad()
+def generate(model, noise, cond, uncond, steps, eta, seed):
+    sigmas = tcd_sigmas(steps).float()
+    x = noise * (1 + sigmas[0] ** 2).sqrt()  # unit-variance VP noise at t=999, as diffusers starts
+    gen = torch.Generator().manual_seed(seed)
+    ns = lambda s, sn: torch.randn(noise.shape, generator=gen)  # noqa: E731
+    out = sample_tcd(model, x, sigmas, extra_args={"cond": cond, "uncond": uncond}, disable=True,
+                     noise_sampler=ns, eta=eta)
+    return out.clamp(-1, 1)
+
+
+@torch.no_grad()
+def score(clf, images, labels, real_feats, reference):
+    feats, logits = clf(images)
+    acc = [float((lg.argmax(1) == labels[:, i]).float().mean()) for i, lg in enumerate(logits)]
+    row = {f"acc_{k}": a for k, a in zip(shapes.ATTRIBUTES, acc)}
+    row["align"] = sum(acc) / len(acc)
+    row["fd"] = frechet_distance(feats, real_feats)
+    row["dist25"] = None if reference is None else float((images - reference).pow(2).mean().sqrt())
+    return row
+
+
+# --- cache ----------------------------------------------------------------------------------------
+
+def cached_model(path: Path, build, make):
+    if path.exists():
+        model = make()
+        model.load_state_dict(load_file(path))
+        model.eval()
+        log(f"loaded {path}")
+        return model
+    t0 = time.time()
+    model = build()
+    atomic_save(model.state_dict(), path)
+    log(f"trained {path.name} in {time.time() - t0:.0f} s")
+    return model
+
+
+def student_maker(rank=16):
+    def make():
+        unet = make_unet()
+        add_lora(unet, rank)
+        return unet
+    return make
+
+
+def run(cfg, cache: Path, out_dir: Path, quick: bool):
+    t_start = time.time()
+    task = Task(cfg)
+    tag = "quick" if quick else "full"
+    cache = cache / tag
+    teacher = cached_model(cache / "teacher.safetensors", lambda: train_teacher(task, cfg), make_unet)
+    clf = cached_model(cache / "classifier.safetensors", lambda: train_classifier(task, cfg), Classifier)
+
+    def data_fn(gen):
+        return task.batch(gen, cfg["distill_batch"])
+
+    def build_student(stages, seed):
+        def build():
+            unet = make_unet()
+            unet.load_state_dict(teacher.state_dict())
+            add_lora(unet)
+            return distill(unet, data_fn, stages, cfg["guidance"], cfg["distill_lr"], seed, log=log)
+        return build
+
+    n = cfg["distill_steps"]
+    students = {
+        "CD k=1 (LCM-style)": [(1, n)],
+        "TSCD 8-4-2-1": [(8, n // 4), (4, n // 4), (2, n // 4), (1, n - 3 * (n // 4))],
+    }
+    models = {name: cached_model(cache / f"student_{i}.safetensors", build_student(st, 10 + i), student_maker())
+              for i, (name, st) in enumerate(students.items())}
+    t_train = time.time() - t_start
+
+    # Evaluation set: fresh prompts, fixed noise shared by every row.
+    labels = shapes.sample_labels(cfg["n_eval"], seed=99)
+    cond, uncond = task.text(labels), task.text.empty(len(labels))
+    noise = torch.randn(len(labels), 3, shapes.SIZE, shapes.SIZE, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        real_feats = clf(shapes.make_images(labels, seed=99))[0]
+    rows, samples = [], {}
+
+    def add(name, model_name, model, steps, eta, guidance, lora, reference):
+        t0 = time.time()
+        imgs = generate(denoiser(model, lora, guidance), noise, cond, uncond, steps, eta, seed=123)
+        row = {"model": name, "steps": steps, "eta": eta, "cfg": guidance, **score(clf, imgs, labels, real_feats, reference),
+               "sample_s": time.time() - t0}
+        rows.append(row)
+        samples[(name, steps, eta)] = imgs[:8]
+        log(f"{name:22s} steps={steps} eta={eta} align={row['align']:.3f} fd={row['fd']:.2f} "
+            f"dist25={row['dist25'] if row['dist25'] is None else round(row['dist25'], 4)}")
+        return imgs
+
+    w = cfg["guidance"]
+    ref = add("teacher (DDIM)", "teacher", teacher, 25, 0.0, w, False, None)
+    rows[-1]["dist25"] = 0.0
+    for s in STEPS:
+        add("teacher (DDIM)", "teacher", teacher, s, 0.0, w, False, ref)
+    for name, model in models.items():
+        etas = (1.0,) if name.startswith("CD") else cfg["etas"]
+        for eta in etas:
+            for s in STEPS:
+                add(f"{name} + TCD" if not name.startswith("CD") else f"{name} + LCM", name, model, s, eta, 1.0, True, ref)
+    with torch.no_grad():
+        real_check = score(clf, shapes.make_images(labels, seed=99), labels, real_feats, None)
+    result = {
+        "benchmark": "quality", "mode": tag, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "machine": machine_info(), "train_or_load_s": round(t_train, 1), "total_s": round(time.time() - t_start, 1),
+        "classifier_on_real_eval_images": real_check, "rows": rows,
+        "notes": "pixel-space 16x16 shapes; students sampled at cfg 1 (guidance distilled), teacher at cfg "
+                 f"{w}; eta=1 TCD is the LCM multistep sampler; dist25 = RMS to the teacher's 25-step DDIM output "
+                 "from the same noise (stochastic rows also draw their own re-noise).",
+    }
+    write_results(result, samples, out_dir, tag)
+    return result
+
+
+def machine_info():
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform(), "gpu": "none (GPU rows not measured)"}
+
+
+# --- outputs ----------------------------------------------------------------------------------------
+
+def markdown_table(rows) -> str:
+    lines = ["| model | steps | eta | cfg | align (mean) | colour | shape | position | FD | dist to teacher-25 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = "-" if r["dist25"] is None else f"{r['dist25']:.3f}"
+        lines.append(f"| {r['model']} | {r['steps']} | {r['eta']} | {r['cfg']} | {r['align']:.3f} | {r['acc_color']:.3f} | "
+                     f"{r['acc_shape']:.3f} | {r['acc_position']:.3f} | {r['fd']:.2f} | {d} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic_text(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(result, samples, out_dir: Path, tag: str):
+    write_atomic_text(out_dir / f"quality_{tag}.json", json.dumps(result, indent=1))
+    m = result["machine"]
+    header = (f"# Quality benchmark ({tag})\n\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+              f"{m['gpu']}. Total {result['total_s']} s.\n\n")
+    write_atomic_text(out_dir / f"quality_{tag}.md", header + markdown_table(result["rows"]) + "\n" + result["notes"] + "\n")
+    from benchmarks.chart import quality_chart, sample_grid
+    quality_chart(result["rows"], out_dir / f"quality_{tag}.png")
+    sample_grid(samples, out_dir / f"quality_{tag}_samples.png")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny budgets, smoke test (< 2 min)")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("HYPERSD_BENCH_CACHE", "~/.cache/hypersd-bench")).expanduser())
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("HYPERSD_BENCH_THREADS", "0")) or None,
+                    help="torch threads (default: all cores; 1 is faster on a machine shared with other jobs)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(QUICK if args.quick else FULL, args.cache, args.out, args.quick)
+
+
+if __name__ == "__main__":
+    main()

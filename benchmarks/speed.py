@@ -1,0 +1,397 @@
+"""Performance benchmarks against references measured in the same run (``python -m benchmarks.speed``).
+
+1. sampler math per step with a zero-cost identity denoiser: ours (``schedulers.sample_tcd``) vs
+   diffusers ``TCDScheduler.step`` vs the peer ComfyUI-TCD pack's loop (``peer_tcd``);
+2. whole sampling vs the sum of the UNet calls alone (the floor), ours and a diffusers-style loop;
+3. one training step vs a diffusers train_lcm_distill_lora_sd.py-style LCM-LoRA step, and vs the
+   sum of each step's UNet passes alone; peak RSS of each in a fresh subprocess;
+4. import time outside ComfyUI (``import schedulers``) and inside it (ComfyUI's import-times line).
+
+Every figure is the median of repeats; ratios compare numbers from the same process and run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.peer_tcd import peer_abar_s, peer_sample_tcd
+from benchmarks.quality import machine_info, write_atomic_text
+from schedulers import DiscreteDenoiser, sample_tcd, scaled_linear_alphas_cumprod, tcd_sigmas
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def allocated_bytes(fn) -> int:
+    """Bytes torch allocated on CPU while fn ran (sum of allocations, i.e. temporaries), via the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return int(sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages()))
+
+
+# --- 1. sampler math ----------------------------------------------------------------------------
+
+def sampler_math(shape, steps=8, eta=0.3, repeats=20):
+    from diffusers import TCDScheduler
+
+    abar = scaled_linear_alphas_cumprod()
+    x = torch.randn(shape)
+    identity = lambda x, sigma, **kw: x  # noqa: E731  zero-cost denoiser (returns its input as x0)
+
+    def ours():
+        sigmas = tcd_sigmas(steps).float()
+        return sample_tcd(identity, x * sigmas[0], sigmas, disable=True, eta=eta)
+
+    sched = TCDScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+    def diffusers_loop():
+        sched.set_timesteps(steps)
+        sample = x
+        for t in sched.timesteps:
+            sample = sched.step(sample, t, sample, eta=eta, return_dict=False)[0]  # model output = input
+        return sample
+
+    def peer():
+        sigmas = tcd_sigmas(steps).float()
+        abar_s = peer_abar_s(sigmas, eta, abar)
+        return peer_sample_tcd(identity, x * sigmas[0], sigmas, abar_s, eta, lambda: torch.randn_like(x))
+
+    row = {"shape": list(shape), "steps": steps, "eta": eta}
+    for name, fn in (("ours", ours), ("diffusers", diffusers_loop), ("peer_comfyui_tcd", peer)):
+        row[f"{name}_us_per_step"] = median_time(fn, repeats) / steps * 1e6
+        row[f"{name}_alloc_bytes_per_step"] = allocated_bytes(fn) // steps
+    row["ours_vs_diffusers"] = row["ours_us_per_step"] / row["diffusers_us_per_step"]
+    row["ours_vs_peer"] = row["ours_us_per_step"] / row["peer_comfyui_tcd_us_per_step"]
+    return row
+
+
+# --- 2. whole sampling vs model floor ------------------------------------------------------------
+
+def small_unet(sample_size):
+    from training.tiny import tiny_unet
+
+    return tiny_unet(sample_size=sample_size).eval()
+
+
+class TimedUNet:
+    """Calls the UNet and accumulates the time spent inside it."""
+
+    def __init__(self, unet):
+        self.unet, self.seconds = unet, 0.0
+
+    def __call__(self, *args, **kw):
+        t0 = time.perf_counter()
+        out = self.unet(*args, **kw)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+@torch.no_grad()
+def sampling_vs_floor(size=32, steps=4, eta=0.3, repeats=5):
+    from diffusers import TCDScheduler
+
+    unet = small_unet(size)
+    x = torch.randn(1, 4, size, size)
+    ehs = torch.randn(1, 77, 32)
+    timed = TimedUNet(unet)
+    model = DiscreteDenoiser(lambda xv, t, ehs: timed(xv, t, ehs).sample)
+
+    def ours():
+        sigmas = tcd_sigmas(steps).float()
+        return sample_tcd(model, x * (1 + sigmas[0] ** 2).sqrt(), sigmas, extra_args={"ehs": ehs}, disable=True, eta=eta)
+
+    sched = TCDScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+    def diffusers_loop():
+        sched.set_timesteps(steps)
+        sample = x
+        for t in sched.timesteps:
+            eps = timed(sched.scale_model_input(sample, t), t, ehs).sample
+            sample = sched.step(eps, t, sample, eta=eta, return_dict=False)[0]
+        return sample
+
+    row = {"latent": [1, 4, size, size], "steps": steps}
+    for name, fn in (("ours", ours), ("diffusers", diffusers_loop)):
+        totals, floors = [], []
+        fn()
+        for _ in range(repeats):
+            timed.seconds = 0.0
+            t0 = time.perf_counter()
+            fn()
+            totals.append(time.perf_counter() - t0)
+            floors.append(timed.seconds)
+        total, floor = statistics.median(totals), statistics.median(floors)
+        row[f"{name}_total_ms"] = total * 1e3
+        row[f"{name}_unet_ms"] = floor * 1e3
+        row[f"{name}_total_over_unet"] = total / floor
+        row[f"{name}_overhead_ms"] = (total - floor) * 1e3
+    return row
+
+
+# --- 3. training step ----------------------------------------------------------------------------
+
+TRAIN = dict(batch=4, size=32, seq=77, rank=8, steps=5)
+
+
+def _lora_unet(size, rank):
+    from training.lora import add_lora
+
+    unet = small_unet(size)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+    params = add_lora(unet, rank, float(rank), targets)
+    unet.train()
+    return unet, params
+
+
+def ours_train_step_fn(unet, params, batch, gen):
+    """One optimizer step of the training helper's TSCD loss (training.tscd), k = 4 segments."""
+    from training import tscd
+    from training.lora import adapters_disabled
+
+    abar = scaled_linear_alphas_cumprod()
+    cfg = SimpleNamespace(tscd=SimpleNamespace(w_min=3.0, w_max=8.0, loss="huber", huber_c=1e-3))
+    ctx = SimpleNamespace(student=unet, unet=unet, abar=abar, grid=tscd.DDIMGrid(abar, 48), prediction_type="epsilon",
+                          cfg=cfg, teacher=lambda: adapters_disabled(unet), target=contextlib.nullcontext)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    stage = SimpleNamespace(segments=4)
+    b, size = batch, TRAIN["size"]
+
+    def step():
+        data = {"latents": torch.randn(b, 4, size, size, generator=gen), "noise": torch.randn(b, 4, size, size, generator=gen),
+                "cond": {"encoder_hidden_states": torch.randn(b, TRAIN["seq"], 32, generator=gen)},
+                "uncond": {"encoder_hidden_states": torch.zeros(1, TRAIN["seq"], 32)}, "u": torch.rand(b, 2, generator=gen)}
+        loss, _ = tscd.tscd_loss(ctx, data, stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def reference_lcm_step_fn(unet, params, batch, gen):
+    """diffusers train_lcm_distill_lora_sd.py's step, rewritten: DDIM solver, teacher CFG as two
+    passes, boundary-condition scalings, target from the same LoRA UNet under no_grad, huber loss."""
+    abar = scaled_linear_alphas_cumprod().float()
+    skip = 1000 // 50
+    ddim_t = torch.arange(1, 51) * skip - 1
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    b, size = batch, TRAIN["size"]
+
+    def boundary(t, sigma_data=0.5, scale=10.0):
+        t = t.float() * scale
+        c_skip = sigma_data**2 / (t**2 + sigma_data**2)
+        c_out = t / (t**2 + sigma_data**2) ** 0.5
+        return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+    def x0_of(eps, x, t):
+        a = abar[t].view(-1, 1, 1, 1)
+        return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def step():
+        latents = torch.randn(b, 4, size, size, generator=gen)
+        ehs = torch.randn(b, TRAIN["seq"], 32, generator=gen)
+        uncond = torch.zeros(b, TRAIN["seq"], 32)
+        idx = torch.randint(0, 50, (b,), generator=gen)
+        start = ddim_t[idx]
+        prev = (start - skip).clamp_min(0)
+        cs0, co0 = boundary(start)
+        cs, co = boundary(prev)
+        noise = torch.randn(latents.shape, generator=gen)
+        a = abar[start].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        w = torch.empty(b, 1, 1, 1).uniform_(3.0, 8.0, generator=gen)
+        pred = cs0 * noisy + co0 * x0_of(unet(noisy, start, ehs).sample, noisy, start)
+        with torch.no_grad():
+            unet.disable_adapters()
+            e_c = unet(noisy, start, ehs).sample
+            e_u = unet(noisy, start, uncond).sample
+            unet.enable_adapters()
+            x0_c, x0_u = x0_of(e_c, noisy, start), x0_of(e_u, noisy, start)
+            x0 = x0_c + w * (x0_c - x0_u)
+            eps = e_c + w * (e_c - e_u)
+            ap = abar[prev].view(-1, 1, 1, 1)
+            x_prev = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
+            target = cs * x_prev + co * x0_of(unet(x_prev, prev, ehs).sample, x_prev, prev)
+        loss = (torch.sqrt((pred.float() - target.float()) ** 2 + 1e-3**2) - 1e-3).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def unet_passes_fn(unet, batch, teacher_batches):
+    """The UNet passes of a step alone: student fwd+bwd, then no-grad passes of the given batch sizes."""
+    size = TRAIN["size"]
+
+    def step():
+        x = torch.randn(batch, 4, size, size)
+        t = torch.full((batch,), 500)
+        unet(x, t, torch.randn(batch, TRAIN["seq"], 32)).sample.float().pow(2).mean().backward()
+        with torch.no_grad():
+            for n in teacher_batches:
+                unet(torch.randn(n, 4, size, size), torch.full((n,), 500), torch.randn(n, TRAIN["seq"], 32))
+    return step
+
+
+def train_one(name: str) -> dict:
+    """Run in a fresh process: median step time and peak RSS growth of one training-step variant."""
+    torch.manual_seed(0)
+    unet, params = _lora_unet(TRAIN["size"], TRAIN["rank"])
+    gen = torch.Generator().manual_seed(0)
+    b = TRAIN["batch"]
+    fns = {"ours_tscd": lambda: ours_train_step_fn(unet, params, b, gen),
+           "reference_lcm_lora": lambda: reference_lcm_step_fn(unet, params, b, gen),
+           "ours_unet_floor": lambda: unet_passes_fn(unet, b, [2 * b, b]),
+           "reference_unet_floor": lambda: unet_passes_fn(unet, b, [b, b, b])}
+    step = fns[name]()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sec = median_time(step, TRAIN["steps"], warmup=1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"name": name, "step_ms": sec * 1e3, "peak_rss_growth_mib": (peak - rss0) / 1024, "peak_rss_mib": peak / 1024}
+
+
+def training_step():
+    rows = {}
+    for name in ("ours_tscd", "reference_lcm_lora", "ours_unet_floor", "reference_unet_floor"):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--_train-one", name], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    r = {"config": dict(TRAIN, dtype="float32"), **rows}
+    r["ours_vs_reference"] = rows["ours_tscd"]["step_ms"] / rows["reference_lcm_lora"]["step_ms"]
+    r["ours_over_own_unet_floor"] = rows["ours_tscd"]["step_ms"] / rows["ours_unet_floor"]["step_ms"]
+    r["reference_over_own_unet_floor"] = rows["reference_lcm_lora"]["step_ms"] / rows["reference_unet_floor"]["step_ms"]
+    return r
+
+
+# --- 4. import time ------------------------------------------------------------------------------
+
+def import_time_outside(repeats=5):
+    code = ("import time, torch; t = time.perf_counter(); import schedulers; "
+            "print(time.perf_counter() - t)")
+    secs = [float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()[-1]) for _ in range(repeats)]
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch; import schedulers"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stderr
+    heavy = [ln.split("|")[-1].strip() for ln in out.splitlines()
+             if any(f"| {m}" in ln for m in (" diffusers", " peft", " transformers", " accelerate"))]
+    return {"import_schedulers_after_torch_ms": statistics.median(secs) * 1e3, "heavy_modules_imported": heavy}
+
+
+def import_time_inside_comfyui():
+    comfy = Path(os.environ.get("COMFYUI_PATH", "/work/ComfyUI"))
+    python = os.environ.get("COMFYUI_PYTHON", "/work/comfy-venv/bin/python")
+    if not (comfy / "READY").exists() and not (comfy / "main.py").exists():
+        return {"measured": False, "reason": f"no ComfyUI at {comfy}"}
+    sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
+    from harness import ComfyServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with ComfyServer(comfy, python, tmp, pack_dir=ROOT) as server:
+            entry = server.pack_import()
+            startup = server.startup_seconds
+            heavy = [ln for ln in server.log().splitlines() if "IMPORT FAILED" in ln and "hyper" in ln.lower()]
+    if entry is None:
+        return {"measured": False, "reason": "pack missing from ComfyUI's import-times block"}
+    return {"measured": True, "comfyui_import_seconds": entry.seconds, "failed": entry.failed,
+            "resolution_s": 0.1, "comfyui_startup_s": startup, "failure_lines": heavy}
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def run(quick: bool):
+    t0 = time.time()
+    shapes = [(1, 4, 64, 64)] if quick else [(1, 4, 64, 64), (4, 4, 128, 128)]
+    result = {"benchmark": "speed", "mode": "quick" if quick else "full", "machine": machine_info(),
+              "gpu_rows": "not measured (no GPU on this machine)"}
+    result["sampler_math"] = [sampler_math(s, repeats=3 if quick else 20) for s in shapes]
+    print(json.dumps(result["sampler_math"], indent=1), flush=True)
+    result["sampling_vs_unet_floor"] = [sampling_vs_floor(size, repeats=2 if quick else 7) for size in ((32,) if quick else (32, 64))]
+    print(json.dumps(result["sampling_vs_unet_floor"], indent=1), flush=True)
+    if not quick:
+        result["training_step"] = training_step()
+        print(json.dumps(result["training_step"], indent=1), flush=True)
+    result["import_outside_comfyui"] = import_time_outside(2 if quick else 7)
+    result["import_inside_comfyui"] = {"measured": False, "reason": "skipped in --quick"} if quick else import_time_inside_comfyui()
+    result["total_s"] = round(time.time() - t0, 1)
+    return result
+
+
+def markdown(r) -> str:
+    m = r["machine"]
+    out = [f"# Speed benchmark ({r['mode']})", "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+           f"torch threads {m['torch_threads']}. GPU rows: {r['gpu_rows']}.", "",
+           "## Sampler math per step (identity denoiser, TCD 8 steps, eta 0.3; median)", "",
+           "| latent | ours us/step | diffusers TCDScheduler.step us/step | peer ComfyUI-TCD us/step | ours/diffusers | ours/peer | alloc B/step ours / diffusers / peer |",
+           "|---|---|---|---|---|---|---|"]
+    for s in r["sampler_math"]:
+        out.append(f"| {tuple(s['shape'])} | {s['ours_us_per_step']:.0f} | {s['diffusers_us_per_step']:.0f} | "
+                   f"{s['peer_comfyui_tcd_us_per_step']:.0f} | {s['ours_vs_diffusers']:.2f} | {s['ours_vs_peer']:.2f} | "
+                   f"{s['ours_alloc_bytes_per_step']} / {s['diffusers_alloc_bytes_per_step']} / {s['peer_comfyui_tcd_alloc_bytes_per_step']} |")
+    out += ["", "## Whole sampling vs the UNet calls alone (tiny SD-shaped UNet, 4 TCD steps, batch 1)", "",
+            "| latent | ours total ms | ours UNet ms | ours total/UNet | diffusers-loop total ms | diffusers UNet ms | diffusers total/UNet |",
+            "|---|---|---|---|---|---|---|"]
+    for s in r["sampling_vs_unet_floor"]:
+        out.append(f"| {tuple(s['latent'])} | {s['ours_total_ms']:.1f} | {s['ours_unet_ms']:.1f} | {s['ours_total_over_unet']:.3f} | "
+                   f"{s['diffusers_total_ms']:.1f} | {s['diffusers_unet_ms']:.1f} | {s['diffusers_total_over_unet']:.3f} |")
+    if "training_step" in r:
+        t = r["training_step"]
+        out += ["", f"## Training step (tiny UNet, LoRA r{t['config']['rank']}, batch {t['config']['batch']}, "
+                f"{t['config']['size']}x{t['config']['size']} latents, fp32)", "",
+                "| variant | step ms | peak RSS growth MiB |", "|---|---|---|"]
+        for k in ("ours_tscd", "reference_lcm_lora", "ours_unet_floor", "reference_unet_floor"):
+            out.append(f"| {k} | {t[k]['step_ms']:.0f} | {t[k]['peak_rss_growth_mib']:.1f} |")
+        out += ["", f"ours/reference = {t['ours_vs_reference']:.2f}; ours/own UNet floor = {t['ours_over_own_unet_floor']:.2f}; "
+                f"reference/own UNet floor = {t['reference_over_own_unet_floor']:.2f}"]
+    io, ii = r["import_outside_comfyui"], r["import_inside_comfyui"]
+    out += ["", "## Import time", "", f"- `import schedulers` after torch: {io['import_schedulers_after_torch_ms']:.1f} ms; "
+            f"heavy modules pulled in: {io['heavy_modules_imported'] or 'none'}",
+            f"- inside ComfyUI: {json.dumps(ii)}", "", f"Total run {r['total_s']} s."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("HYPERSD_BENCH_THREADS", "0")) or None)
+    ap.add_argument("--_train-one", dest="train_one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["HYPERSD_BENCH_THREADS"] = str(args.threads)
+    if args.train_one:
+        print(json.dumps(train_one(args.train_one)))
+        return
+    r = run(args.quick)
+    tag = r["mode"]
+    write_atomic_text(args.out / f"speed_{tag}.json", json.dumps(r, indent=1))
+    write_atomic_text(args.out / f"speed_{tag}.md", markdown(r))
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()
