@@ -267,8 +267,26 @@ def lora_checks(model, loras_dir, tag, formats):
             LOG.messages.clear()
             comfy.sd.load_lora_for_models(model, None, lora_file(weights, fmt, alpha), 1.0, 1.0)
             results[f"core_loader_{tag}_peft_not_loaded"] = sum("lora key not loaded" in m for m in LOG.messages)
+    if tag == "sd15":
+        release_checks(model, loras_dir)
     now = model.model.state_dict()
     results[f"base_model_unchanged_{tag}"] = all(torch.equal(now[k], base[k]) for k in base)
+
+
+def release_checks(model, loras_dir):
+    """A file already in the loras folder under a release's hub name is used as that release:
+    its recommended outputs, and its LoRA scale (0.125 for SD3/FLUX) times strength."""
+    import shutil
+
+    M = nodes.NODE_CLASS_MAPPINGS
+    src = os.path.join(loras_dir, "tiny_sd15_kohya.safetensors")
+    out = {}
+    for release in ("Hyper-SD15-1step-lora", "Hyper-SD15-8steps-CFG-lora", "Hyper-SD3-8steps-CFG-lora"):
+        shutil.copy(src, os.path.join(loras_dir, release + ".safetensors"))
+        r = M["HyperSDLoraLoader"].execute(model=model, release=release, lora_name="None", strength_model=0.5,
+                                           strength_clip=1.0, download_missing=False).result
+        out[release] = {"outputs": [r[i] for i in (2, 3, 4, 5, 6)], "info": r[7]}
+    results["releases"] = out
 
 
 def sdxl_checks(loras_dir):

@@ -70,6 +70,15 @@ def test_lora_applied_fully(report, tag, family, fmt):
     assert report[f"base_model_unchanged_{tag}"] is True
 
 
+def test_release_outputs_and_scale(report):
+    r = report["releases"]
+    assert r["Hyper-SD15-1step-lora"]["outputs"] == [1, 1.0, "tcd", "tcd", 1.0]
+    assert r["Hyper-SD15-8steps-CFG-lora"]["outputs"] == [8, 5.0, "euler", "sgm_uniform", 0.0]
+    assert r["Hyper-SD3-8steps-CFG-lora"]["outputs"] == [8, 5.0, "euler", "simple", 0.0]
+    assert "strength model 0.5," in r["Hyper-SD15-1step-lora"]["info"]
+    assert "strength model 0.0625," in r["Hyper-SD3-8steps-CFG-lora"]["info"]  # 0.5 x 0.125
+
+
 def test_sdxl_model_is_sdxl_family(report):
     assert report["sdxl_model_family"] == "Segmind_Vega"
 
