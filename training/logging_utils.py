@@ -7,7 +7,7 @@ import time
 
 
 class RunLogger:
-    def __init__(self, out_dir, total, start, enabled=True, tensorboard=False):
+    def __init__(self, out_dir, total, start, enabled=True, tensorboard=False, show_bar=True):
         self.enabled = enabled
         self.path = os.path.join(out_dir, "log.jsonl")
         self.bar, self.tb = None, None
@@ -15,7 +15,7 @@ class RunLogger:
             return
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not show_bar)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -153,8 +153,8 @@ def train(cfg, args):
 
     ctx = StageContext(accelerator, student, unet, base.vae, base.abar, DDIMGrid(base.abar, cfg.tscd.num_ddim_timesteps),
                        base.prediction_type, cfg, encode, teacher=lambda: adapters_disabled(unet), target=ema.swapped)
-    logger = RunLogger(out_dir, cfg.total_steps, step, enabled=accelerator.is_main_process and not args.quiet,
-                       tensorboard=cfg.output.tensorboard)
+    logger = RunLogger(out_dir, cfg.total_steps, step, enabled=accelerator.is_main_process,
+                       tensorboard=cfg.output.tensorboard, show_bar=not args.quiet)
     stage_losses, current, module = {}, None, None
     ga = cfg.optim.grad_accum
     student.train()

@@ -121,4 +121,4 @@ def pretrain_tiny(unet, vae, text_encoder, tokenizer, pixels, captions, abar, st
         loss.backward()
         opt.step()
     unet.eval()
-    return float(loss)
+    return float(loss.detach())
