@@ -24,8 +24,7 @@ def test_server_starts_and_lists_core_nodes(comfy_server):
         assert node in info, f"core node {node} missing from /object_info"
 
 
-@pytest.mark.parametrize("family, expected_model", [("sd15", "SD15"), ("sdxl", "Segmind_Vega")])
-def test_core_txt2img_on_tiny_checkpoint(comfy_server, tiny_models, family, expected_model):
+def _core_txt2img(comfy_server, tiny_models, family):
     ckpt = tiny_models.sd15_checkpoint if family == "sd15" else tiny_models.sdxl_checkpoint
     name = comfy_server.add_model("checkpoints", ckpt)
     assert name in comfy_server.object_info("CheckpointLoaderSimple")["CheckpointLoaderSimple"]["input"][
@@ -43,7 +42,6 @@ def test_core_txt2img_on_tiny_checkpoint(comfy_server, tiny_models, family, expe
     assert "unet missing" not in run_log and "unet unexpected" not in run_log, run_log[-3000:]
     assert "Missing VAE keys" not in run_log, run_log[-3000:]
     print(f"{family}: 1-step 64x64 txt2img took {result.seconds:.1f} s (incl. checkpoint load)")
-    comfy_server.free_memory()
 
 
 def test_pack_imports_without_failure(comfy_server):
@@ -71,8 +69,7 @@ def _with_core_lora(prompt: dict, lora_name: str, strength: float = 1.0) -> dict
     return prompt
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_core_lora_loader_maps_every_kohya_key_of_tiny_lora(comfy_server, tiny_models, tmp_path, family):
+def _core_kohya_lora(comfy_server, tiny_models, tmp_path, family):
     """The kohya builder names modules the way ComfyUI maps them: no 'lora key not loaded'."""
     from .tiny_checkpoints import ATTENTION_TARGETS, SD15_UNET, SDXL_UNET, build_kohya_lora
 
@@ -87,7 +84,6 @@ def test_core_lora_loader_maps_every_kohya_key_of_tiny_lora(comfy_server, tiny_m
     assert result.ok, result.error_text()
     run_log = comfy_server.log()[log_before:]
     assert "lora key not loaded" not in run_log, run_log[-3000:]
-    comfy_server.free_memory()
 
 
 def test_core_lora_loader_drops_peft_attention_keys(comfy_server, tiny_models, tmp_path):
@@ -103,3 +99,48 @@ def test_core_lora_loader_drops_peft_attention_keys(comfy_server, tiny_models, t
     run_log = comfy_server.log()[log_before:]
     assert "lora key not loaded: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" \
         in run_log, run_log[-3000:]
+
+
+# Grouped by family so ComfyUI loads each checkpoint once (its cache keeps the last loader output).
+def test_core_txt2img_on_tiny_sd15_checkpoint(comfy_server, tiny_models):
+    _core_txt2img(comfy_server, tiny_models, "sd15")
+
+
+def test_core_lora_loader_maps_every_kohya_key_of_tiny_sd15_lora(comfy_server, tiny_models, tmp_path):
+    """The kohya builder names modules the way ComfyUI maps them: no 'lora key not loaded'."""
+    _core_kohya_lora(comfy_server, tiny_models, tmp_path, "sd15")
+
+
+def test_core_txt2img_on_tiny_sdxl_checkpoint(comfy_server, tiny_models):
+    _core_txt2img(comfy_server, tiny_models, "sdxl")
+
+
+def test_core_lora_loader_maps_every_kohya_key_of_tiny_sdxl_lora(comfy_server, tiny_models, tmp_path):
+    _core_kohya_lora(comfy_server, tiny_models, tmp_path, "sdxl")
+
+
+_DETECT_SCRIPT = """
+import sys
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, ".")
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_detection, comfy.utils
+for path in sys.stdin.read().split():
+    sd = comfy.utils.load_torch_file(path)
+    # full checkpoints carry "model.diffusion_model."; UNet-only files (UNETLoader) no prefix
+    prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in sd) else ""
+    config = comfy.model_detection.model_config_from_unet(sd, prefix)
+    print("DETECTED", type(config).__name__ if config is not None else None)
+"""
+
+
+def test_tiny_checkpoints_are_detected_as_intended_family(comfyui_path, comfyui_python, tiny_models):
+    """ComfyUI's own shape-based detection, run in ComfyUI's interpreter."""
+    import subprocess
+
+    paths = [tiny_models.sd15_checkpoint, tiny_models.sdxl_checkpoint, tiny_models.sd15_unet, tiny_models.sdxl_unet]
+    proc = subprocess.run([comfyui_python, "-c", _DETECT_SCRIPT], cwd=comfyui_path, capture_output=True, text=True,
+                          input="\n".join(map(str, paths)), timeout=300)
+    detected = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("DETECTED")]
+    assert detected == ["SD15", "Segmind_Vega", "SD15", "Segmind_Vega"], proc.stdout + proc.stderr[-3000:]
