@@ -16,6 +16,7 @@ Heavy parts (teacher, classifier, students) are cached under ``--cache`` (defaul
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -215,7 +216,9 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
     t_start = time.time()
     task = Task(cfg)
     tag = "quick" if quick else "full"
-    cache = cache / tag
+    # Key the cache by the config so a changed budget never reuses stale models.
+    key = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    cache = cache / f"{tag}-{key}"
     teacher = cached_model(cache / "teacher.safetensors", lambda: train_teacher(task, cfg), make_unet)
     clf = cached_model(cache / "classifier.safetensors", lambda: train_classifier(task, cfg), Classifier)
 
