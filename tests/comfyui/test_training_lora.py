@@ -1,0 +1,56 @@
+"""A LoRA exported by training/export.py loads in real ComfyUI with no "lora key not loaded".
+
+The tiny diffusers UNet of the default run is not a ComfyUI-loadable model, so this builds a
+diffusers UNet with the shapes of the comfy-env helper's tiny SD1.5 checkpoint (320 channels, one
+level, context 768), puts the trainer's default LoRA targets on it (attention, ff, proj, resnet
+convs, time_emb_proj), exports it and applies it with core LoraLoaderModelOnly.
+"""
+from __future__ import annotations
+
+import torch
+
+from .harness import core_txt2img_prompt
+from .tiny_checkpoints import SD15_UNET
+
+
+def _sd15_shaped_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320,),
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
+
+
+def test_trained_lora_loads_every_key_in_comfyui(comfy_server, tiny_models, tmp_path):
+    from training.config import LoRAConfig
+    from training.export import export_lora, kohya_state_dict
+    from training.lora import add_lora
+
+    unet = _sd15_shaped_unet()
+    shapes = SD15_UNET.diffusers_modules()
+    mods = dict(unet.named_modules())
+    for path, shape in shapes.items():  # same module tree as the ComfyUI checkpoint
+        assert tuple(mods[path].weight.shape) == shape, path
+    params = add_lora(unet, 4, 2.0, LoRAConfig().targets)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.01)
+    lora_path = tmp_path / "trained-sd15.safetensors"
+    export_lora(unet, str(lora_path), {"hypersd.base_family": "sd15"})
+    n_modules = sum(k.endswith(".alpha") for k in kohya_state_dict(unet))
+    assert n_modules >= 20
+
+    ckpt_name = comfy_server.add_model("checkpoints", tiny_models.sd15_checkpoint)
+    lora_name = comfy_server.add_model("loras", lora_path)
+    prompt = core_txt2img_prompt(ckpt_name, seed=5)
+    prompt["lora"] = {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": ["ckpt", 0], "lora_name": lora_name, "strength_model": 1.0}}
+    prompt["sampler"]["inputs"]["model"] = ["lora", 0]
+    log_before = len(comfy_server.log())
+    result = comfy_server.run_prompt(prompt)
+    assert result.ok, result.error_text()
+    run_log = comfy_server.log()[log_before:]
+    assert "lora key not loaded" not in run_log, run_log[-3000:]
+    print(f"{n_modules} LoRA modules loaded by ComfyUI with no unmatched key")
