@@ -25,7 +25,7 @@ def cmd(out, *extra, launcher=(sys.executable, "-m")):
 
 
 def env(**kw):
-    e = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **kw)
+    e = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **kw)
     return e
 
 
@@ -104,6 +104,7 @@ def test_two_processes_match_one(reference, tmp_path):
     ("data.source=/nonexistent/images", "data.source"),
     ("model.base=/nonexistent/model", "model.base"),
     ("model.base=/nonexistent/model.safetensors", "model.base"),
+    ("model.base=no-such-org/no-such-model", "no-such-org/no-such-model"),
     ("optim.grad_accum=3", "optim.batch_size"),
 ])
 def test_bad_input_clear_error(tmp_path, override, message):
