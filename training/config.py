@@ -23,8 +23,8 @@ class ModelConfig:
     prediction_type: str = "auto"  # auto | epsilon | v_prediction
     single_file_config: str = ""  # local diffusers config folder for single-file checkpoints
     revision: str = ""
-    tiny_pretrain_steps: int = 300  # tiny teacher: denoising pre-training steps (see tiny.py)
-    tiny_vae_steps: int = 150
+    tiny_pretrain_steps: int = 200  # tiny teacher: denoising pre-training steps (see tiny.py)
+    tiny_vae_steps: int = 100
 
 
 @dataclass
@@ -33,8 +33,6 @@ class DataConfig:
     resolution: int = 32
     num_generated: int = 64
     caption_dropout: float = 0.0
-    num_workers: int = 0
-    cache_dir: str = ""
     extra: dict = field(default_factory=dict)  # passed through to training.data.build_dataset
 
 
@@ -45,7 +43,6 @@ class LoRAConfig:
     targets: list = field(default_factory=lambda: [
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
         "conv1", "conv2", "conv_shortcut", "time_emb_proj"])
-    init_from: str = ""           # optional kohya LoRA to start from (not yet supported)
 
 
 @dataclass
@@ -95,7 +92,7 @@ class StageConfig:
 
 
 def _default_stages():
-    return [StageConfig(segments=k, steps=s) for k, s in ((8, 25), (4, 25), (2, 25), (1, 25))]
+    return [StageConfig(segments=k, steps=s) for k, s in ((8, 20), (4, 20), (2, 20), (1, 20))]
 
 
 @dataclass
