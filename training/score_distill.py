@@ -1,0 +1,140 @@
+"""Score-distillation stage (DMD-style) for one-step generation.
+
+Generator: the student maps unit noise at timestep `t_gen` (999 for the unified LoRA, 800 for the
+dedicated 1-step UNet) to x0 in one call. Distribution matching: noise x0 to a random t, the frozen
+teacher with CFG gives the real x0 estimate, the fake-score network (a teacher copy with its own
+LoRA, trained by plain denoising on the student's detached outputs) gives the fake one; the
+generator gradient is (fake - real) normalised by mean|x0 - real| (DMD). An MSE regulariser ties
+x0 to a reference on the same noise (teacher multi-step or the TSCD LoRA output). Two time-scale:
+the fake score updates every step, the generator every `gen_every` steps.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from training.feedback import _abar, cat_kwargs, eps_to_x0, trailing_grid, unet_kwargs
+from training.merge import add_stage_lora, save_safetensors_atomic
+
+MODES = {"lora": 999, "full": 800}
+
+
+def student_x0(student, noise, cond, t_gen: int, alphas_cumprod):
+    """One-step output: the UNet sees unit-variance noise at t_gen (diffusers LCM/TCD convention)."""
+    tt = torch.full((noise.shape[0],), t_gen, device=noise.device, dtype=torch.long)
+    return eps_to_x0(noise, student(noise, tt, **unet_kwargs(cond)).sample, _abar(alphas_cumprod, tt, noise))
+
+
+def cfg_eps(unet, x, t, cond, uncond, guidance: float):
+    if uncond is None or guidance == 1.0:
+        return unet(x, t, **unet_kwargs(cond)).sample
+    both = unet(torch.cat([x, x]), torch.cat([t, t]), **cat_kwargs(unet_kwargs(uncond), unet_kwargs(cond))).sample
+    eps_u, eps_c = both.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def random_t(n, generator, t_min=20, t_max=980, device="cpu"):
+    return torch.randint(t_min, t_max + 1, (n,), generator=generator).to(device)
+
+
+def dm_loss(x0, teacher, fake, cond, uncond, guidance, t, noise, alphas_cumprod):
+    """DMD distribution-matching surrogate: its gradient w.r.t. x0 is the normalised (fake - real)."""
+    abar = _abar(alphas_cumprod, t, x0)
+    with torch.no_grad():
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        real = eps_to_x0(x_t, cfg_eps(teacher, x_t, t, cond, uncond, guidance), abar)
+        fake_x0 = eps_to_x0(x_t, fake(x_t, t, **unet_kwargs(cond)).sample, abar)
+        norm = (x0 - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp_min(1e-5)
+        grad = (fake_x0 - real) / norm
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach(), reduction="sum") / x0.shape[0], grad
+
+
+def fake_score_loss(fake, x0, cond, t, noise, alphas_cumprod):
+    """Denoising (eps) loss of the fake-score network on the student's detached outputs."""
+    abar = _abar(alphas_cumprod, t, x0)
+    x_t = abar.sqrt() * x0.detach() + (1 - abar).sqrt() * noise
+    return F.mse_loss(fake(x_t, t, **unet_kwargs(cond)).sample, noise)
+
+
+@torch.no_grad()
+def teacher_multistep_x0(teacher, noise, cond, uncond, guidance, alphas_cumprod, steps=8, t_start=999):
+    """Regression reference: teacher DDIM with CFG from the same unit noise (t_start -> x0)."""
+    grid = [t for t in trailing_grid(steps) if t <= t_start] or [t_start]
+    x = noise
+    for i, t in enumerate(grid):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = cfg_eps(teacher, x, tt, cond, uncond, guidance)
+        x0 = eps_to_x0(x, eps, _abar(alphas_cumprod, tt, x))
+        if i + 1 < len(grid):
+            a_next = _abar(alphas_cumprod, torch.full_like(tt, grid[i + 1]), x)
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return x0
+
+
+class DMDStage:
+    """Holds student, frozen teacher, fake score and both optimisers; `step(batch)` trains once.
+
+    mode "lora": the student gets a fresh "dmd" LoRA and t_gen = 999 (unified LoRA);
+    mode "full": every student UNet parameter trains, t_gen = 800 (export with `save_full_unet`).
+    batch = dict(cond, uncond (or None), noise, reference (MSE target x0 or None)).
+    """
+
+    def __init__(self, student, teacher, alphas_cumprod, cfg: dict):
+        self.mode = cfg.get("mode", "lora")
+        if self.mode not in MODES:
+            raise ValueError(f"dmd.mode must be one of {sorted(MODES)}, got {self.mode!r}")
+        self.t_gen = int(cfg.get("timestep", MODES[self.mode]))
+        self.cfg, self.abar = cfg, alphas_cumprod
+        self.student, self.teacher = student, teacher.requires_grad_(False)
+        rank = int(cfg.get("rank", 4))
+        if self.mode == "lora":
+            gen_params = add_stage_lora(student, "dmd", rank)
+        else:
+            gen_params = list(student.parameters())
+            student.requires_grad_(True)
+        self.fake = copy.deepcopy(teacher)
+        fake_params = add_stage_lora(self.fake, "fake", int(cfg.get("fake_rank", rank)))
+        self.gen_opt = torch.optim.AdamW(gen_params, lr=float(cfg.get("lr", 1e-4)), weight_decay=0.0)
+        self.fake_opt = torch.optim.AdamW(fake_params, lr=float(cfg.get("fake_lr", cfg.get("lr", 1e-4))),
+                                          weight_decay=0.0)
+        self.gen_every = int(cfg.get("gen_every", 5))
+        self.generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+        self.steps = 0
+
+    def generator_loss(self, batch, t=None, dm_noise=None):
+        x0 = student_x0(self.student, batch["noise"], batch["cond"], self.t_gen, self.abar)
+        n = x0.shape[0]
+        t = random_t(n, self.generator, device=x0.device) if t is None else t
+        dm_noise = torch.randn(x0.shape, generator=self.generator).to(x0) if dm_noise is None else dm_noise
+        dm, _ = dm_loss(x0, self.teacher, self.fake, batch["cond"], batch.get("uncond"),
+                        float(self.cfg.get("guidance", 7.5)), t, dm_noise, self.abar)
+        reg = F.mse_loss(x0, batch["reference"]) if batch.get("reference") is not None else x0.new_zeros(())
+        return dm + float(self.cfg.get("reg_weight", 0.25)) * reg, dm.detach(), reg.detach(), x0
+
+    def step(self, batch) -> dict:
+        stats = {}
+        if self.steps % self.gen_every == 0:
+            loss, dm, reg, x0 = self.generator_loss(batch)
+            self.gen_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.gen_opt.step()
+            stats.update(dmd_loss=dm.item(), dmd_reg=reg.item())
+        else:
+            with torch.no_grad():
+                x0 = student_x0(self.student, batch["noise"], batch["cond"], self.t_gen, self.abar)
+        t = random_t(x0.shape[0], self.generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(x0)
+        fl = fake_score_loss(self.fake, x0, batch["cond"], t, noise, self.abar)
+        self.fake_opt.zero_grad(set_to_none=True)
+        fl.backward()
+        self.fake_opt.step()
+        self.steps += 1
+        return {**stats, "fake_loss": fl.item()}
+
+
+def save_full_unet(unet, path: str, dtype=torch.float16):
+    """Diffusers-layout UNet state dict (ComfyUI's UNETLoader converts it) written atomically."""
+    sd = {k: v.detach().to(dtype).cpu() for k, v in unet.state_dict().items() if "lora_" not in k}
+    save_safetensors_atomic(path, sd, {"format": "pt", "hypersd_stage": "dmd-full", "timestep": "800"})
