@@ -200,6 +200,9 @@ def test_workflow_runs_end_to_end_on_tiny_models(tiny_server, name):
         assert img.size == (TINY_SIZE, TINY_SIZE)
         low, high = img.convert("L").getextrema()
         assert high > low  # not a blank image
+    log = server.log()
+    for complaint in ("missing controlnet keys", "lora key not loaded", "error could not detect control model"):
+        assert complaint not in log, f"ComfyUI log says {complaint!r}\n{server.log_tail()}"
     print(f"{name}: {result.seconds:.1f} s -> {images[0].name}")
 
 
