@@ -85,17 +85,21 @@ def sample_tcd(
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
     s_in = x.new_ones([x.shape[0]])
     n = len(sigmas) - 1
+    # The per-step schedule depends only on the sigmas, so it is looked up once (on the CPU) instead
+    # of a log-distance search over the 1000-entry table and a device sync at every step.
+    sigmas_cpu = sigmas.detach().to("cpu")
+    t_next = sigma_to_timestep(sigmas_cpu[1:], table).tolist()
+    last = [float(s) == 0.0 for s in sigmas_cpu[1:]]
+    sigma_s_all = [table[0 if z else math.floor((1 - eta) * t)].to(x.dtype) for t, z in zip(t_next, last)]
     for i in _progress(range(n), disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma, sigma_next, sigma_s = sigmas[i], sigmas[i + 1], sigma_s_all[i]
         denoised = model(x, sigma * s_in, **extra_args)
         _check_finite(denoised, sigma, i)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         eps = (x - denoised) / sigma
-        t_next = 0 if sigma_next == 0 else int(sigma_to_timestep(sigma_next, table))
-        sigma_s = table[math.floor((1 - eta) * t_next)].to(x.dtype)
         x = denoised + sigma_s * eps
-        if sigma_next == 0:
+        if last[i]:
             x = x / (1 + sigma_s**2).sqrt()  # VE at t=0 -> diffusers' VP sample
         elif eta > 0:
             x = x + (sigma_next**2 - sigma_s**2).clamp_min(0).sqrt() * noise_sampler(sigma, sigma_next)
