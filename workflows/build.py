@@ -1,6 +1,6 @@
 """Definitions of every shipped Hyper-SD workflow; writes the UI files, API twins and docs table.
 
-    python -m workflows.build            # rewrite example_workflows/*.json, workflows/api/*.json, docs
+    python -m workflows.build            # rewrite example_workflows/*.json, workflows/api/*.json, docs + README tables
     python -m workflows.build --check    # exit 1 if any committed file differs
 
 UI files go to example_workflows/ (ComfyUI 0.3.64 lists and serves them in the templates
@@ -277,21 +277,50 @@ def build_all(schemas: dict) -> dict[str, tuple[dict, dict, dict]]:
     return out
 
 
+# Where each model file of the table comes from (the Notes inside the workflows say the same).
+MODEL_HUB = {
+    "v1-5-pruned-emaonly.safetensors": BASE["SD15"][1],
+    "sd_xl_base_1.0.safetensors": BASE["SDXL"][1],
+    "control_v11p_sd15_scribble.safetensors": "lllyasviel/ControlNet-v1-1",
+    "control_v11p_sd15_canny.safetensors": "lllyasviel/ControlNet-v1-1",
+    "controlnet-canny-sdxl-1.0.safetensors": "diffusers/controlnet-canny-sdxl-1.0",
+    "sd3_medium_incl_clips_t5xxlfp16.safetensors": "stabilityai/stable-diffusion-3-medium",
+    "flux1-dev.safetensors": "black-forest-labs/FLUX.1-dev",
+    "ae.safetensors": "black-forest-labs/FLUX.1-dev",
+    "clip_l.safetensors": "comfyanonymous/flux_text_encoders",
+    "t5xxl_fp16.safetensors": "comfyanonymous/flux_text_encoders",
+}
+
+
+def model_hub(file: str) -> str:
+    if file.startswith("Hyper-"):
+        return HUB
+    if file not in MODEL_HUB:
+        raise KeyError(f"workflows.build.MODEL_HUB has no hub repo for {file!r}")
+    return MODEL_HUB[file]
+
+
 def docs_table(built: dict) -> str:
-    rows = ["| file (example_workflows/) | what it does | model files (hub) | steps | cfg | eta |", "|---|---|---|---|---|---|"]
+    rows = ["| file (example_workflows/) | what it does | model files (hub repo) | steps | cfg | eta |",
+            "|---|---|---|---|---|---|"]
     for name, (_, _, m) in built.items():
         cfg = f"{m['cfg']:g}" + (f" (FluxGuidance {m['guidance']:g})" if m.get("guidance") else "")
         eta = "-" if m["eta"] is None else f"{m['eta']:g}"
-        rows.append(f"| `{name}.json` | {m['what']} | {', '.join(m['models'])} | {m['steps']} | {cfg} | {eta} |")
+        models = ", ".join(f"`{f}` ({model_hub(f)})" for f in m["models"])
+        rows.append(f"| `{name}.json` | {m['what']} | {models} | {m['steps']} | {cfg} | {eta} |")
     return "\n".join(rows) + "\n"
 
 
 DOCS = REPO / "docs" / "workflows.md"
+README = REPO / "README.md"
 TABLE_START, TABLE_END = "<!-- table -->\n", "<!-- /table -->"
 
 
-def docs_with_table(built: dict) -> str:
-    text = DOCS.read_text()
+def docs_with_table(built: dict, path=DOCS) -> str:
+    """`path`'s text with the part between the table markers replaced by the current table."""
+    text = path.read_text()
+    if TABLE_START not in text:
+        raise ValueError(f"{path} has no {TABLE_START.strip()} ... {TABLE_END} markers for the workflow table")
     head, rest = text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
     return head + TABLE_START + docs_table(built) + TABLE_END + tail
@@ -299,7 +328,7 @@ def docs_with_table(built: dict) -> str:
 
 def expected_files(schemas: dict) -> dict:
     built = build_all(schemas)
-    files = {DOCS: docs_with_table(built)}
+    files = {doc: docs_with_table(built, doc) for doc in (DOCS, README)}
     for name, (ui, api, _) in built.items():
         files[UI_DIR / f"{name}.json"] = dump(ui)
         files[API_DIR / f"{name}.json"] = dump(api)
