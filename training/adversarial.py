@@ -35,10 +35,11 @@ class Discriminator(nn.Module):
     and `.train()` only see the heads.
     """
 
-    def __init__(self, teacher_unet: nn.Module):
+    def __init__(self, teacher_unet: nn.Module, freeze: bool = True):
         super().__init__()
         self._teacher = [teacher_unet]  # a list hides it from nn.Module registration
-        teacher_unet.requires_grad_(False)
+        if freeze:  # training.run shares the UNet with the student LoRA: it handles freezing itself
+            teacher_unet.requires_grad_(False)
         channels = list(teacher_unet.config.block_out_channels) + [teacher_unet.config.block_out_channels[-1]]
         self.heads = nn.ModuleList(_head(c) for c in channels)
 
@@ -110,3 +111,75 @@ def noise_to(x0, timestep, noise, alphas_cumprod) -> torch.Tensor:
     """VP noising x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (both sides of D see the same t, noise)."""
     abar = alphas_cumprod.to(x0.device)[timestep].to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+# --- training.run plug-in: TSCD loss + adversarial generator term (see docs/stages.md) -------------
+
+PARAMS = {"enabled": True, "adv_weights": {str(k): v for k, v in DEFAULT_ADV_WEIGHTS.items()},
+          "loss": "hinge", "disc_lr": 1e-4, "t_max": 750}
+
+
+def check_params(p: dict, stage, key: str):
+    if p["loss"] not in LOSSES:
+        raise ValueError(f"config key '{key}.loss': {p['loss']!r} is not one of {list(LOSSES)}")
+    try:
+        adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"config key '{key}.adv_weights': {e}") from None
+    if not 0 < int(p["t_max"]) < 1000:
+        raise ValueError(f"config key '{key}.t_max': must be in 1..999, got {p['t_max']}")
+
+
+def build_persistent(unet, stages, cfg) -> dict:
+    """One discriminator (and its optimizer) for all adversarial stages; checkpointed by training.run."""
+    from training.stages import stage_params
+
+    lr = float(stage_params(stages[0], PARAMS)["disc_lr"])
+    disc = Discriminator(unet, freeze=False).to(unet.device)
+    return {"disc": disc, "disc_opt": torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.99))}
+
+
+def _extra_noise(ctx, like):
+    """Fresh noise for the discriminator's re-noising, a function of (seed, step) (resume-exact)."""
+    g = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + ctx.step * 7 + 3)
+    return torch.randn(like.shape, generator=g).to(like.device, like.dtype)
+
+
+def stage_loss(ctx, batch, stage):
+    from training.stages import stage_params
+    from training.tscd import ddim_point, distance, to_x0_eps, tscd_targets
+
+    p = stage_params(stage, PARAMS)
+    w = adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
+    x_j, t_j, j, b, target = tscd_targets(ctx, batch, stage.segments)
+    out = ctx.student(x_j, t_j, **batch["cond"]).sample
+    x0_s, eps_s = to_x0_eps(out, x_j, ctx.grid.abar[j], ctx.prediction_type)
+    tl = distance(ddim_point(x0_s, eps_s, ctx.grid.abar[b]), target, ctx.cfg.tscd.loss, ctx.cfg.tscd.huber_c)
+    if w == 0:
+        return tl, {"tscd_loss": float(tl.detach())}
+    disc, dopt = ctx.persistent["disc"], ctx.persistent["disc_opt"]
+    cond = batch["cond"]
+    # D sees real latents and the student's x0 re-noised to the same (t, noise)
+    t_d = (batch["u"][:, 3] * int(p["t_max"])).long()
+    noise = _extra_noise(ctx, batch["latents"])
+    real = noise_to(batch["latents"], t_d, noise, ctx.abar)
+    fake = noise_to(x0_s.to(noise.dtype), t_d, noise, ctx.abar)
+    with ctx.teacher():
+        d_loss = discriminator_loss(disc(real, t_d, cond), disc(fake.detach(), t_d, cond), p["loss"])
+    dopt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    _all_reduce_grads(ctx.accelerator, disc.parameters())
+    dopt.step()
+    dopt.zero_grad(set_to_none=True)
+    with ctx.teacher():
+        g_loss = generator_adv_loss(disc(fake, t_d, cond), p["loss"])
+    return tl + w * g_loss, {"tscd_loss": float(tl.detach()), "adv_g": float(g_loss.detach()),
+                             "adv_d": float(d_loss.detach()), "adv_weight": w}
+
+
+def _all_reduce_grads(accelerator, params):
+    """A stage-owned network is not DDP-wrapped: average its gradients over processes by hand."""
+    if accelerator.num_processes > 1:
+        for q in params:
+            if q.grad is not None:
+                q.grad = accelerator.reduce(q.grad, "mean")

@@ -25,6 +25,7 @@ class ModelConfig:
     revision: str = ""
     tiny_pretrain_steps: int = 200  # tiny teacher: denoising pre-training steps (see tiny.py)
     tiny_vae_steps: int = 100
+    init_lora: str = ""           # kohya LoRA of a previous run: a frozen base under every stage here
 
 
 @dataclass
@@ -80,6 +81,7 @@ class OutputConfig:
     sample_prompts: list = field(default_factory=lambda: ["a red circle", "a blue square"])
     sample_eta: float = 1.0
     tensorboard: bool = False
+    merge_rank: int = 0           # 0: exact merge (ranks add up); > 0: SVD re-rank, error in metrics.json
 
 
 @dataclass
@@ -92,7 +94,12 @@ class StageConfig:
 
 
 def _default_stages():
-    return [StageConfig(segments=k, steps=s) for k, s in ((8, 20), (4, 20), (2, 20), (1, 20))]
+    """Every stage type in order, sized for a 2-core CPU (see docs/training.md, "Measured")."""
+    tscd = [StageConfig(segments=k, steps=20) for k in (8, 4)]
+    adv = [StageConfig(type="adversarial", segments=k, steps=20) for k in (2, 1)]
+    return tscd + adv + [StageConfig(type="feedback", segments=1, steps=20, params={"reward": "tiny", "alpha": 2.0}),
+                         StageConfig(type="score_distill", segments=1, steps=20,
+                                     params={"guidance": 3.0, "gen_every": 1, "reg_weight": 1.0})]
 
 
 @dataclass
@@ -241,6 +248,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if s.segments < 1 or t.num_ddim_timesteps % s.segments:
             raise ConfigError(f"config key 'stages[{i}].segments': {s.segments} must be >= 1 and divide "
                               f"tscd.num_ddim_timesteps={t.num_ddim_timesteps}")
+        if s.weight <= 0:
+            raise ConfigError(f"config key 'stages[{i}].weight': must be > 0, got {s.weight}")
+    _validate_stage_plan(cfg)
     from .data import DataConfig as _DataConfig, DataError
     try:
         _DataConfig.from_dict(dataclasses.asdict(cfg.data))
@@ -254,6 +264,34 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not isinstance(n, int) or n < 1:
             raise ConfigError(f"config key 'output.sample_steps': entries must be ints >= 1, got {n!r}")
     return cfg
+
+
+def _validate_stage_plan(cfg):
+    """Stage order, per-type params (unknown keys suggest the nearest), reward names, weights files."""
+    import importlib
+
+    from .merge import validate_stage_plan
+    from .stages import STAGE_MODULES
+
+    m = cfg.model
+    if m.init_lora and not os.path.isfile(m.init_lora):
+        raise ConfigError(f"config key 'model.init_lora': file not found: {m.init_lora}")
+    if cfg.output.merge_rank < 0:
+        raise ConfigError(f"config key 'output.merge_rank': must be >= 0 (0 = exact merge), got {cfg.output.merge_rank}")
+    try:
+        validate_stage_plan(cfg.stages, m.init_lora)
+        for i, s in enumerate(cfg.stages):
+            module = importlib.import_module(STAGE_MODULES[s.type])
+            defaults = getattr(module, "PARAMS", {})
+            for key in s.params:
+                if key not in defaults:
+                    raise _unknown(f"stages[{i}].params.{key}", list(defaults) or ["(none)"])
+            if hasattr(module, "check_params"):
+                module.check_params({**defaults, **s.params}, s, f"stages[{i}].params")
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _get(cfg, key):

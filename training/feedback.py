@@ -95,3 +95,69 @@ def feedback_step(unet, vae, reward, optimizer, batch, alphas_cumprod, cfg: dict
     weighted.backward()
     optimizer.step()
     return {"feedback_loss": loss.item(), "reward": r.mean().item(), "stop_t": trailing_grid(steps)[stop]}
+
+
+# --- training.run plug-in: ReFL on the student's own "feedback" LoRA (see docs/stages.md) ---------
+
+PARAMS = {"reward": "tiny", "reward_weights": "", "reward_options": {}, "alpha": 1.0, "steps": 4,
+          "late_fraction": 0.5}
+
+
+def reward_options(p: dict) -> dict:
+    """`reward_weights` is the local weights file of the reward ('weights' for tiny, 'mlp_weights' for
+    laion_aesthetic, 'weights' for hpsv2); `reward_options` passes anything else through."""
+    opts = dict(p["reward_options"] or {})
+    if p["reward_weights"]:
+        opts[{"laion_aesthetic": "mlp_weights"}.get(p["reward"], "weights")] = p["reward_weights"]
+    return opts
+
+
+def check_params(p: dict, stage, key: str):
+    import difflib
+    import os
+
+    from training.rewards import REWARDS
+
+    name = p["reward"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"config key '{key}.reward': expected a reward name or 'module:function', got {name!r}")
+    if ":" not in name and name not in REWARDS:
+        near = difflib.get_close_matches(name, REWARDS, n=1)
+        raise ValueError(f"config key '{key}.reward': unknown reward {name!r}"
+                         + (f"; did you mean {near[0]!r}?" if near else "")
+                         + f" (known: {sorted(REWARDS)}, or 'module:function')")
+    if p["reward_weights"] and not os.path.isfile(p["reward_weights"]):
+        raise ValueError(f"config key '{key}.reward_weights': file not found: {p['reward_weights']}")
+    if int(p["steps"]) < 1 or not 0 < float(p["late_fraction"]) <= 1:
+        raise ValueError(f"config key '{key}.steps' / '{key}.late_fraction': need steps >= 1 and "
+                         f"0 < late_fraction <= 1, got {p['steps']}, {p['late_fraction']}")
+
+
+def setup(ctx, stage):
+    from training.rewards import RewardUnavailable, build_reward
+    from training.stages import stage_params
+
+    p = stage_params(stage, PARAMS)
+    try:
+        reward = build_reward(p["reward"], **reward_options(p))
+    except (RewardUnavailable, ValueError, TypeError) as e:
+        from training.config import ConfigError
+        raise ConfigError(f"config key 'stages[{ctx.stage_index}].params.reward': {e}") from e
+    if isinstance(reward, torch.nn.Module):
+        reward = reward.to(ctx.device)
+    ctx.state["reward"] = reward
+
+
+def stage_loss(ctx, batch, stage):
+    from training.stages import EpsModel, stage_params
+
+    p = stage_params(stage, PARAMS)
+    steps = int(p["steps"])
+    first = min(steps - 1, int(steps * (1 - float(p["late_fraction"]))))
+    # the late step comes from the batch's uniforms: the same for any process count and on resume
+    stop = first + min(steps - first - 1, int(float(batch["u"][0, 4]) * (steps - first)))
+    student = EpsModel(ctx.student, ctx.abar, ctx.prediction_type)
+    loss, r = refl_loss(student, ctx.vae, ctx.state["reward"], batch["captions"], batch["cond"],
+                        batch["noise"], ctx.abar, stop, steps, float(p["alpha"]), return_reward=True)
+    return loss, {"feedback_loss": float(loss.detach()), "reward": float(r.float().mean()),
+                  "stop_t": trailing_grid(steps)[stop]}

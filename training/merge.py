@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -70,24 +69,10 @@ def kohya_state_dict(modules: dict[str, LoraModule], dtype=torch.float32) -> dic
 
 
 def save_kohya(path: str, modules: dict[str, LoraModule], metadata: dict | None = None, dtype=torch.float32):
-    """Atomic write (temp file + os.replace) of a kohya LoRA with the true alpha per module."""
-    save_safetensors_atomic(path, kohya_state_dict(modules, dtype), metadata)
+    """Atomic write (training.export.save_file_atomic) of a kohya LoRA with the true alpha per module."""
+    from .export import save_file_atomic
 
-
-def save_safetensors_atomic(path: str, state_dict: dict, metadata: dict | None = None):
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        meta = {k: str(v) for k, v in (metadata or {}).items()}
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_file_atomic(kohya_state_dict(modules, dtype), path, metadata)
 
 
 def merge_exact(loras: list[dict[str, LoraModule]], weights: list[float] | None = None) -> dict[str, LoraModule]:
@@ -233,26 +218,31 @@ def add_stage_lora(unet, adapter_name: str, rank: int = 4, alpha: float | None =
     return params
 
 
-STAGES = ("tscd", "feedback", "dmd", "merge")
+def validate_stage_plan(stages, init_lora: str = "") -> None:
+    """Check the config's `stages` list before any training starts; ValueError names the config key.
 
-
-def validate_stage_plan(stages: list[str], init_lora: str | None = None) -> None:
-    """Check a `stages:` list (config key) before any training starts; raises ValueError naming the fix."""
+    Stage types form groups, each trained as its own LoRA on top of the earlier ones:
+    tscd / adversarial -> feedback -> score_distill. A plan that starts after TSCD needs the TSCD
+    LoRA underneath (`model.init_lora`); score distillation is 1-step (segments: 1).
+    """
     import difflib
 
-    for s in stages:
-        if s not in STAGES:
-            near = difflib.get_close_matches(s, STAGES, n=1)
-            raise ValueError(f"stages: unknown stage {s!r}" + (f"; did you mean {near[0]!r}?" if near else "")
-                             + f" (known: {list(STAGES)})")
-    if len(set(stages)) != len(stages):
-        raise ValueError(f"stages: each stage may appear once, got {stages}")
-    order = [STAGES.index(s) for s in stages]
-    if order != sorted(order):
-        raise ValueError(f"stages: {stages} is out of order; the order is {list(STAGES)}")
-    first = stages[0] if stages else None
-    if first in ("feedback", "dmd") and not init_lora:
-        raise ValueError(f"stages: {first!r} runs on top of a TSCD LoRA: put 'tscd' before it "
-                         f"or set init_lora: <path to the TSCD LoRA .safetensors>")
-    if first == "merge" and not init_lora:
-        raise ValueError("stages: 'merge' alone needs the stage LoRAs: run earlier stages or set init_lora")
+    from .stages import GROUP_OF, GROUP_ORDER
+
+    last = -1
+    for i, s in enumerate(stages):
+        if s.type not in GROUP_OF:
+            near = difflib.get_close_matches(s.type, list(GROUP_OF), n=1)
+            raise ValueError(f"config key 'stages[{i}].type': unknown stage type {s.type!r}"
+                             + (f"; did you mean {near[0]!r}?" if near else f"; known: {sorted(GROUP_OF)}"))
+        rank = GROUP_ORDER.index(GROUP_OF[s.type])
+        if rank < last:
+            raise ValueError(f"config key 'stages[{i}].type': {s.type!r} after {stages[i - 1].type!r} is out of "
+                             "order; the order is tscd/adversarial -> feedback -> score_distill")
+        last = rank
+        if s.type == "score_distill" and s.segments != 1:
+            raise ValueError(f"config key 'stages[{i}].segments': score_distill trains 1-step generation; "
+                             f"set segments: 1 (got {s.segments})")
+    if stages and GROUP_OF.get(stages[0].type) != "tscd" and not init_lora:
+        raise ValueError(f"config key 'stages[0].type': {stages[0].type!r} runs on top of a TSCD LoRA: put "
+                         "tscd stages before it or set model.init_lora to a previous run's LoRA .safetensors")

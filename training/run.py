@@ -1,6 +1,6 @@
 """`python -m training.run [--config FILE] [--set key=value ...] [--resume latest] [--overwrite]`.
 
-Distils a Hyper-SD LoRA with TSCD (stages 8 -> 4 -> 2 -> 1). See docs/training.md.
+Trains Hyper-SD stages in order (TSCD 8 -> 4 -> 2 -> 1 with the adversarial term, human feedback, score distillation) and merges their LoRAs into one. See docs/training.md.
 """
 from __future__ import annotations
 
@@ -101,11 +101,12 @@ def train(cfg, args):
 
     from . import checkpoint as ckpt
     from .data import BucketBatchSampler, build_dataset
-    from .export import export_lora, lora_metadata
     from .logging_utils import RunLogger
-    from .lora import EMA, adapters_disabled, add_lora
+    from .adversarial import _all_reduce_grads
+    from .lora import EMA, AdapterStack, add_kohya_adapter, add_lora, add_named_lora
+    from .merge import load_kohya
     from .models import encode_prompts, load_base
-    from .stages import StageContext, load_stage_module
+    from .stages import ADAPTER_OF, GROUP_OF, StageContext, load_stage_module
     from .tscd import DDIMGrid
 
     t_start = time.time()
@@ -133,9 +134,28 @@ def train(cfg, args):
     if cfg.optim.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
-    params = add_lora(base.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-    ema = EMA(params, cfg.tscd.ema_decay)
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    groups = plan_groups(cfg.stages)
+    adapter_params = {}
+    if "tscd" in groups:  # first, so a TSCD-only run initialises exactly as before
+        adapter_params["tscd"] = add_lora(base.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    for g in groups:
+        if g != "tscd":
+            adapter_params[g] = add_named_lora(base.unet, ADAPTER_OF[g], cfg.lora.rank, cfg.lora.alpha,
+                                               cfg.lora.targets)
+    persistent = {}
+    for stype in dict.fromkeys(s.type for s in cfg.stages):
+        module = load_stage_module(stype)
+        if hasattr(module, "build_persistent"):
+            persistent.update(module.build_persistent(base.unet, [s for s in cfg.stages if s.type == stype], cfg))
+    init_rank = 0
+    if cfg.model.init_lora:
+        init_rank = add_kohya_adapter(base.unet, "init", load_kohya(cfg.model.init_lora), "config key 'model.init_lora'")
+    stack = AdapterStack(base.unet)
+    stack.use(*adapters_for(groups[0], groups, bool(init_rank)))
+    params = [p for g in groups for p in adapter_params[g]]
+    ema = EMA(adapter_params.get("tscd", []), cfg.tscd.ema_decay)
+    opt = torch.optim.AdamW([{"params": adapter_params[g]} for g in groups], lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     lr_sched = get_scheduler(cfg.optim.lr_scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps,
                              num_training_steps=cfg.total_steps)
     student, opt = accelerator.prepare(base.unet, opt)
@@ -146,13 +166,15 @@ def train(cfg, args):
     resume = ckpt.resolve_resume(args.resume, out_dir) if args.resume else None
     if resume:
         step = ckpt.load_checkpoint(accelerator, resume)
+        ckpt.load_extra(resume, persistent)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.optim.mixed_precision, torch.float32)
 
     def encode(prompts, size_hw=None, crop_tl=None, target_hw=None):
         return encode_prompts(base, prompts, device, size_hw, crop_tl, target_hw)
 
     ctx = StageContext(accelerator, student, unet, base.vae, base.abar, DDIMGrid(base.abar, cfg.tscd.num_ddim_timesteps),
-                       base.prediction_type, cfg, encode, teacher=lambda: adapters_disabled(unet), target=ema.swapped)
+                       base.prediction_type, cfg, encode, teacher=stack.disabled, target=ema.swapped,
+                       adapters=stack, persistent=persistent)
     logger = RunLogger(out_dir, cfg.total_steps, step, enabled=accelerator.is_main_process,
                        tensorboard=cfg.output.tensorboard, show_bar=not args.quiet)
     stage_losses, current, module = {}, None, None
@@ -162,7 +184,9 @@ def train(cfg, args):
         idx, stage = stage_at(cfg.stages, step)
         if idx != current:
             current, module = idx, load_stage_module(stage.type)
-            ctx.state = {}
+            group = GROUP_OF[stage.type]
+            stack.use(*adapters_for(group, groups, bool(init_rank)))
+            ctx.state, ctx.stage_index, ctx.stage_start = {}, idx, sum(s.steps for s in cfg.stages[:idx])
             if hasattr(module, "setup"):
                 module.setup(ctx, stage)
         ctx.step = step
@@ -172,7 +196,11 @@ def train(cfg, args):
             sync = accelerator.no_sync(student) if micro < ga - 1 else _null()
             with sync, accelerator.autocast():
                 loss, logs = module.stage_loss(ctx, batch, stage)
-                accelerator.backward(loss * stage.weight / ga)
+                if loss is not None:  # None: this step only trained the stage's own helper (e.g. fake score)
+                    accelerator.backward(loss * stage.weight / ga)
+        if n_proc > 1 and group != groups[0]:
+            # DDP registered only the first group's LoRA as trainable: average later groups by hand
+            _all_reduce_grads(accelerator, adapter_params[group])
         if cfg.optim.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         opt.step()
@@ -180,43 +208,117 @@ def train(cfg, args):
         opt.zero_grad(set_to_none=True)
         ema.update()
         step += 1
-        loss_global = float(accelerator.reduce(loss.detach().float().reshape(1), "mean"))
-        stage_losses.setdefault(idx, []).append(loss_global)
-        logger.log(step, f"stage {idx + 1}/{len(cfg.stages)} {stage.type} k={stage.segments}",
-                   {"loss": loss_global, "lr": lr_sched.get_last_lr()[0], **logs})
+        row = {"lr": lr_sched.get_last_lr()[0], **logs}
+        if loss is not None:
+            row["loss"] = loss_global = float(accelerator.reduce(loss.detach().float().reshape(1), "mean"))
+            stage_losses.setdefault(idx, []).append(loss_global)
+        logger.log(step, f"stage {idx + 1}/{len(cfg.stages)} {stage.type} k={stage.segments}", row)
         if step % cfg.output.checkpoint_every == 0 or step == cfg.total_steps:
-            ckpt.save_checkpoint(accelerator, out_dir, step, cfg.output.keep_checkpoints)
+            ckpt.save_checkpoint(accelerator, out_dir, step, cfg.output.keep_checkpoints, persistent)
     logger.close()
     train_time = time.time() - t_start
     if accelerator.is_main_process:
-        finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device)
+        finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device, groups, init_rank)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
 
 
-def finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device):
-    from .export import export_lora, lora_metadata
+def plan_groups(stages):
+    """Stage groups in order of first appearance (each group trains its own LoRA adapter)."""
+    from .stages import GROUP_OF
+
+    return list(dict.fromkeys(GROUP_OF[s.type] for s in stages))
+
+
+def adapters_for(group, groups, has_init):
+    """(active, trainable) adapters while `group` trains: the earlier groups (and init_lora) stay on, frozen."""
+    from .stages import ADAPTER_OF
+
+    active = (["init"] if has_init else []) + [ADAPTER_OF[g] for g in groups[: groups.index(group) + 1]]
+    return active, [ADAPTER_OF[group]]
+
+
+def finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device, groups, init_rank):
     from .sampling import save_png_atomic, tcd_grid
 
     unet.eval()
     lora_path = os.path.join(out_dir, cfg.output.name + ".safetensors")
-    n_keys = export_lora(unet, lora_path, lora_metadata(cfg, base.family, base.prediction_type))
+    meta = lora_metadata_for(cfg, base)
+    merge_report = export_stages_and_merge(cfg, unet, out_dir, lora_path, meta, groups, init_rank)
     res = cfg.data.resolution // (2 ** (len(base.vae.config.block_out_channels) - 1))
     t0 = time.time()
     grid = tcd_grid(unet, base.vae, base, lambda p: encode(p), cfg.output.sample_prompts, cfg.output.sample_steps,
                     cfg.output.sample_eta, (unet.config.in_channels, res, res), cfg.seed, device)
     save_png_atomic(grid, os.path.join(out_dir, "samples.png"))
-    metrics = {"lora": lora_path, "lora_keys": n_keys, "steps": cfg.total_steps, "train_seconds": train_time,
-               "sample_seconds": time.time() - t0, "family": base.family, "prediction_type": base.prediction_type,
-               "stages": [{"type": s.type, "segments": s.segments, "steps": s.steps,
-                           "mean_loss": sum(stage_losses.get(i, [float("nan")])) / max(1, len(stage_losses.get(i, []))),
-                           "last_loss": stage_losses.get(i, [float("nan")])[-1]}
-                          for i, s in enumerate(cfg.stages)]}
+    metrics = {"lora": lora_path, "lora_keys": merge_report.pop("keys"), "steps": cfg.total_steps,
+               "train_seconds": train_time, "sample_seconds": time.time() - t0, "family": base.family,
+               "prediction_type": base.prediction_type, "merge": merge_report,
+               "stages": [stage_summary(s, stage_losses.get(i, [])) for i, s in enumerate(cfg.stages)]}
     tmp = os.path.join(out_dir, ".tmp-metrics.json")
     with open(tmp, "w") as f:
         json.dump(metrics, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+
+
+def stage_summary(stage, losses, n=3):
+    """Loss at the start vs the end of a stage (means of the first / last n steps: single steps are noisy)."""
+    nan = float("nan")
+    head, tail = losses[:n], losses[-n:]
+    return {"type": stage.type, "segments": stage.segments, "steps": stage.steps, "logged_steps": len(losses),
+            "loss_start": sum(head) / len(head) if head else nan, "loss_end": sum(tail) / len(tail) if tail else nan,
+            "first_loss": losses[0] if losses else nan, "last_loss": losses[-1] if losses else nan,
+            "mean_loss": sum(losses) / len(losses) if losses else nan}
+
+
+def lora_metadata_for(cfg, base):
+    from .export import lora_metadata
+
+    return lora_metadata(cfg, base.family, base.prediction_type)
+
+
+def export_stages_and_merge(cfg, unet, out_dir, lora_path, meta, groups, init_rank):
+    """stages/<i>_<group>.safetensors per group, then ONE unified kohya LoRA (exact rank concatenation,
+    or an SVD re-rank with `output.merge_rank`), with the merge error measured against the sum of deltas."""
+    from .export import export_lora
+    from .merge import merge_exact, peft_to_kohya, save_kohya, svd_rerank
+    from .stages import ADAPTER_OF
+
+    report = {"stage_files": []}
+    for i, g in enumerate(groups):
+        path = os.path.join(out_dir, "stages", f"{i + 1}_{g}.safetensors")
+        export_lora(unet, path, {**meta, "hypersd.stage_group": g}, adapter=ADAPTER_OF[g])
+        report["stage_files"].append(path)
+    names = (["init"] if init_rank else []) + [ADAPTER_OF[g] for g in groups]
+    if len(names) == 1 and not cfg.output.merge_rank:
+        # one adapter: write it as is (true alpha, its own rank); nothing to merge
+        report.update(keys=export_lora(unet, lora_path, meta, adapter=names[0]), rank=cfg.lora.rank,
+                      merged_from=names, rel_error=0.0)
+        return report
+    parts = [peft_to_kohya(unet, n) for n in names]
+    merged = merge_exact(parts)
+    if cfg.output.merge_rank:
+        merged, _, overall = svd_rerank(merged, cfg.output.merge_rank)
+        report["svd_rel_error"] = overall
+    want_sq = err_sq = worst = 0.0
+    for name, m in merged.items():  # what the written (fp32) file holds vs the exact sum of stage deltas
+        want = sum(p[name].delta() for p in parts if name in p)
+        got = _fp32_delta(m)
+        err = (got - want).norm().item()
+        want_sq, err_sq = want_sq + want.norm().item() ** 2, err_sq + err ** 2
+        worst = max(worst, (got - want).abs().max().item())
+    rank = max(m.rank for m in merged.values())
+    save_kohya(lora_path, merged, {**meta, "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+                                   "hypersd.merged_from": json.dumps(names)})
+    report.update(keys=3 * len(merged), rank=rank, merged_from=names, rel_error=(err_sq / max(want_sq, 1e-30)) ** 0.5,
+                  max_abs_error=worst)
+    return report
+
+
+def _fp32_delta(m):
+    from .merge import LoraModule
+
+    return LoraModule(m.down.float(), m.up.float(), m.alpha).delta()
 
 
 class _null:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from training.feedback import _abar, cat_kwargs, eps_to_x0, trailing_grid, unet_kwargs
-from training.merge import add_stage_lora, save_safetensors_atomic
+from training.export import save_file_atomic
+from training.merge import add_stage_lora
 
 MODES = {"lora": 999, "full": 800}
 
@@ -137,4 +138,76 @@ class DMDStage:
 def save_full_unet(unet, path: str, dtype=torch.float16):
     """Diffusers-layout UNet state dict (ComfyUI's UNETLoader converts it) written atomically."""
     sd = {k: v.detach().to(dtype).cpu() for k, v in unet.state_dict().items() if "lora_" not in k}
-    save_safetensors_atomic(path, sd, {"format": "pt", "hypersd_stage": "dmd-full", "timestep": "800"})
+    save_file_atomic(sd, path, {"format": "pt", "hypersd_stage": "dmd-full", "timestep": "800"})
+
+
+# --- training.run plug-in: DMD on the student's own "dmd" LoRA at t = 999 (see docs/stages.md) ----
+
+PARAMS = {"mode": "lora", "timestep": 999, "guidance": 7.5, "gen_every": 1, "reg_weight": 0.25,
+          "reg_steps": 4, "fake_lr": 1e-3, "fake_rank": 0, "t_min": 20, "t_max": 980}
+
+
+def check_params(p: dict, stage, key: str):
+    if p["mode"] != "lora":
+        raise ValueError(f"config key '{key}.mode': training.run trains the unified LoRA (mode 'lora', "
+                         f"t = 999); the full 1-step UNet (mode 'full', t = 800) is trained with "
+                         f"training.score_distill.DMDStage + save_full_unet (got {p['mode']!r})")
+    if not 0 < int(p["timestep"]) < 1000 or not 0 <= int(p["t_min"]) < int(p["t_max"]) < 1000:
+        raise ValueError(f"config key '{key}.timestep' / '{key}.t_min' / '{key}.t_max': need 0 < timestep < 1000 "
+                         f"and 0 <= t_min < t_max < 1000")
+    if int(p["gen_every"]) < 1 or int(p["reg_steps"]) < 1 or float(p["guidance"]) < 1:
+        raise ValueError(f"config key '{key}': need gen_every >= 1, reg_steps >= 1, guidance >= 1")
+
+
+def build_persistent(unet, stages, cfg) -> dict:
+    """The fake-score network is a "fake" adapter on the shared frozen base (no UNet copy)."""
+    from training.lora import add_named_lora
+    from training.stages import stage_params
+
+    p = stage_params(stages[0], PARAMS)
+    rank = int(p["fake_rank"]) or cfg.lora.rank
+    params = add_named_lora(unet, "fake", rank, float(rank), cfg.lora.targets)
+    return {"fake_opt": torch.optim.AdamW(params, lr=float(p["fake_lr"]), weight_decay=0.0)}
+
+
+def _randn(ctx, like, salt):
+    g = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + ctx.step * 7 + salt)
+    return torch.randn(like.shape, generator=g).to(like.device, like.dtype)
+
+
+def stage_loss(ctx, batch, stage):
+    from training.adversarial import _all_reduce_grads
+    from training.stages import EpsModel, stage_params
+
+    p = stage_params(stage, PARAMS)
+    pt, abar, guidance = ctx.prediction_type, ctx.abar, float(p["guidance"])
+    noise, cond, uncond = batch["noise"], batch["cond"], batch["uncond"]
+    gen_step = (ctx.step - ctx.stage_start) % int(p["gen_every"]) == 0
+
+    def rand_t(col):  # from the batch's uniforms: resume-exact, the same for any process count
+        return (int(p["t_min"]) + batch["u"][:, col] * (int(p["t_max"]) - int(p["t_min"]))).long()
+
+    with torch.set_grad_enabled(gen_step):
+        x0 = student_x0(EpsModel(ctx.student, abar, pt), noise, cond, int(p["timestep"]), abar)
+    # fake score: plain denoising on the student's (detached) outputs, every step
+    fake_opt = ctx.persistent["fake_opt"]
+    with ctx.adapters.only(["fake"], ["fake"]):
+        fl = fake_score_loss(EpsModel(ctx.unet, abar, pt), x0, cond, rand_t(6), _randn(ctx, x0, 11), abar)
+        fake_opt.zero_grad(set_to_none=True)
+        fl.backward()
+        _all_reduce_grads(ctx.accelerator, [q for g in fake_opt.param_groups for q in g["params"]])
+        fake_opt.step()
+        fake_opt.zero_grad(set_to_none=True)
+    logs = {"fake_loss": float(fl.detach())}
+    if not gen_step:
+        return None, logs  # two time-scale update: the generator waits
+    teacher = EpsModel(ctx.unet, abar, pt, ctx.teacher)
+    fake = EpsModel(ctx.unet, abar, pt, lambda: ctx.adapters.only(["fake"]))
+    dm, _ = dm_loss(x0, teacher, fake, cond, uncond, guidance, rand_t(5), _randn(ctx, x0, 13), abar)
+    reg = x0.new_zeros(())
+    if float(p["reg_weight"]) > 0:
+        ref = teacher_multistep_x0(teacher, noise, cond, uncond, guidance, abar, int(p["reg_steps"]),
+                                   int(p["timestep"]))
+        reg = F.mse_loss(x0.float(), ref.float())
+    loss = dm + float(p["reg_weight"]) * reg
+    return loss, {**logs, "dmd_loss": float(dm.detach()), "dmd_reg": float(reg.detach())}

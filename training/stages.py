@@ -16,10 +16,39 @@ from typing import Any, Callable
 
 STAGE_MODULES = {
     "tscd": "training.tscd",
-    "adversarial": "training.adversarial",      # TSCD + adversarial term (stages helper)
-    "feedback": "training.feedback",            # ReFL human feedback (stages helper)
-    "score_distill": "training.score_distill",  # DMD-style 1-step (stages helper)
+    "adversarial": "training.adversarial",      # TSCD + adversarial term on teacher features
+    "feedback": "training.feedback",            # ReFL human feedback, its own LoRA
+    "score_distill": "training.score_distill",  # DMD-style 1-step, its own LoRA
 }
+# Each group trains its own LoRA adapter; later groups run on top of the earlier (frozen) ones.
+GROUP_OF = {"tscd": "tscd", "adversarial": "tscd", "feedback": "feedback", "score_distill": "score_distill"}
+GROUP_ORDER = ("tscd", "feedback", "score_distill")
+ADAPTER_OF = {"tscd": "default", "feedback": "feedback", "score_distill": "dmd"}
+
+
+def stage_params(stage, defaults: dict) -> dict:
+    """stage.params over the module's defaults (unknown keys are rejected at config time)."""
+    return {**defaults, **(stage.params or {})}
+
+
+class EpsModel:
+    """Calls a UNet and returns its output as epsilon (v-prediction converted), optionally inside a
+    context (teacher = adapters off, fake score = its own adapter), so eps-based helpers work for both
+    prediction types."""
+
+    def __init__(self, unet, abar, prediction_type, context=None):
+        self.unet, self.abar, self.pt, self.context = unet, abar, prediction_type, context
+
+    def __call__(self, x, t, **kwargs):
+        from types import SimpleNamespace
+
+        from .tscd import to_x0_eps
+
+        with (self.context() if self.context else contextlib.nullcontext()):
+            out = self.unet(x, t, **kwargs).sample
+        if self.pt != "epsilon":
+            out = to_x0_eps(out, x, self.abar[t], self.pt)[1].to(x.dtype)
+        return SimpleNamespace(sample=out)
 
 
 def known_stage_types() -> list[str]:
@@ -48,7 +77,11 @@ class StageContext:
     teacher: Callable = None     # context manager: LoRA disabled -> the frozen base model
     target: Callable = None      # context manager: EMA LoRA weights swapped in (no-op if ema_decay=0)
     step: int = 0                # global optimizer step (0-based)
-    state: dict = field(default_factory=dict)  # per-stage scratch space (not checkpointed)
+    state: dict = field(default_factory=dict)  # per-stage scratch space (rebuilt by setup, not checkpointed)
+    adapters: Any = None         # lora.AdapterStack: which LoRA adapters are active / trainable
+    persistent: dict = field(default_factory=dict)  # discriminator, fake-score optimizer...: checkpointed
+    stage_start: int = 0         # global step at which the current stage began
+    stage_index: int = 0         # index of the current stage in cfg.stages (for error messages)
 
     @property
     def device(self):

@@ -107,5 +107,8 @@ def tscd_loss(ctx, batch, stage):
     return loss, {"tscd_loss": float(loss.detach())}
 
 
+PARAMS = {}  # plain TSCD has no stage params (the tscd: section holds its options)
+
+
 def stage_loss(ctx, batch, stage):
     return tscd_loss(ctx, batch, stage)
