@@ -93,11 +93,15 @@ def test_peft_roundtrip_and_fold_match_live_lora():
 
 
 def test_stage_plan_errors():
-    validate_stage_plan(["tscd", "feedback", "dmd", "merge"])
-    validate_stage_plan(["dmd"], init_lora="tscd.safetensors")
-    with pytest.raises(ValueError, match="init_lora"):
-        validate_stage_plan(["dmd", "merge"])
-    with pytest.raises(ValueError, match="out of order"):
-        validate_stage_plan(["tscd", "dmd", "feedback"])
-    with pytest.raises(ValueError, match="did you mean 'feedback'"):
-        validate_stage_plan(["tscd", "feedbak"])
+    from training.config import StageConfig as S
+
+    validate_stage_plan([S("tscd", 8), S("adversarial", 1), S("feedback", 1), S("score_distill", 1)])
+    validate_stage_plan([S("score_distill", 1)], init_lora="tscd.safetensors")
+    with pytest.raises(ValueError, match=r"stages\[0\].type.*model.init_lora"):
+        validate_stage_plan([S("feedback", 1), S("score_distill", 1)])
+    with pytest.raises(ValueError, match=r"stages\[2\].type.*out of order"):
+        validate_stage_plan([S("tscd", 8), S("score_distill", 1), S("feedback", 1)])
+    with pytest.raises(ValueError, match=r"stages\[1\].type.*did you mean 'feedback'"):
+        validate_stage_plan([S("tscd", 8), S("feedbak", 1)])
+    with pytest.raises(ValueError, match=r"stages\[1\].segments.*segments: 1"):
+        validate_stage_plan([S("tscd", 8), S("score_distill", 2)])

@@ -8,7 +8,8 @@ from training.config import ConfigError, load_config
 
 def test_defaults_valid():
     cfg = load_config()
-    assert [s.segments for s in cfg.stages] == [8, 4, 2, 1]
+    assert [(s.type, s.segments) for s in cfg.stages] == [
+        ("tscd", 8), ("tscd", 4), ("adversarial", 2), ("adversarial", 1), ("feedback", 1), ("score_distill", 1)]
     assert cfg.tscd.num_ddim_timesteps % 8 == 0
 
 
@@ -60,3 +61,47 @@ def test_shipped_configs_load():
     for f in files:
         cfg = load_config(f)
         assert cfg.model.base != "tiny"
+
+
+FB = {"type": "feedback", "segments": 1, "steps": 1}
+
+
+@pytest.mark.parametrize("stages, key, extra", [
+    ([FB], r"stages\[0\]\.type", "model.init_lora"),                                  # feedback before any TSCD
+    ([{"segments": 8, "steps": 1}, {"type": "score_distill", "segments": 2, "steps": 1}],
+     r"stages\[1\]\.segments", "segments: 1"),
+    ([{"segments": 8, "steps": 1}, {"type": "score_distill", "segments": 1, "steps": 1}, FB],
+     r"stages\[2\]\.type", "out of order"),
+    ([{"segments": 8, "steps": 1}, {**FB, "params": {"reward": "laion_aesthetc"}}],
+     r"stages\[1\]\.params\.reward", "did you mean 'laion_aesthetic'"),
+    ([{"segments": 8, "steps": 1}, {**FB, "params": {"reward_weights": "/nonexistent/reward.safetensors"}}],
+     r"stages\[1\]\.params\.reward_weights", "/nonexistent/reward.safetensors"),
+    ([{"type": "adversarial", "segments": 8, "steps": 1, "params": {"adv_weight": {"8": 1}}}],
+     r"stages\[0\]\.params\.adv_weight", "did you mean 'adv_weights'"),
+    ([{"type": "adversarial", "segments": 6, "steps": 1}], r"stages\[0\]\.params\.adv_weights", "6 segments"),
+    ([{"segments": 8, "steps": 1, "params": {"reward": "tiny"}}], r"stages\[0\]\.params\.reward", "valid keys"),
+    ([{"segments": 8, "steps": 1}, {"type": "score_distill", "segments": 1, "steps": 1, "params": {"mode": "full"}}],
+     r"stages\[1\]\.params\.mode", "DMDStage"),
+])
+def test_bad_stage_plans_name_the_key(stages, key, extra):
+    with pytest.raises(ConfigError, match=key) as e:
+        load_config(None, ["stages=" + json.dumps(stages)])
+    assert extra in str(e.value)
+
+
+def test_init_lora_must_exist_and_enables_a_later_stage_alone(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.init_lora.*not found"):
+        load_config(None, ["model.init_lora=/nonexistent/lora.safetensors", "stages=" + json.dumps([FB])])
+    lora = tmp_path / "tscd.safetensors"
+    lora.write_bytes(b"x")
+    cfg = load_config(None, [f"model.init_lora={lora}", "stages=" + json.dumps([FB])])
+    assert cfg.stages[0].type == "feedback"
+
+
+def test_shipped_configs_run_every_stage_type():
+    import glob
+    for f in glob.glob("training/configs/*.yaml"):
+        types = [s.type for s in load_config(f).stages]
+        assert {"tscd", "adversarial", "feedback", "score_distill"} <= set(types), f
+        reward = [s.params.get("reward") for s in load_config(f).stages if s.type == "feedback"]
+        assert reward == ["laion_aesthetic"], f

@@ -133,19 +133,22 @@ def check_params(p: dict, stage, key: str):
                          f"0 < late_fraction <= 1, got {p['steps']}, {p['late_fraction']}")
 
 
-def setup(ctx, stage):
+def preflight(stage, index: int, device):
+    """Build the reward before any training step, so a missing package / weights file fails at once."""
+    from training.config import ConfigError
     from training.rewards import RewardUnavailable, build_reward
     from training.stages import stage_params
 
     p = stage_params(stage, PARAMS)
     try:
         reward = build_reward(p["reward"], **reward_options(p))
-    except (RewardUnavailable, ValueError, TypeError) as e:
-        from training.config import ConfigError
-        raise ConfigError(f"config key 'stages[{ctx.stage_index}].params.reward': {e}") from e
-    if isinstance(reward, torch.nn.Module):
-        reward = reward.to(ctx.device)
-    ctx.state["reward"] = reward
+    except (RewardUnavailable, ValueError, TypeError, OSError) as e:
+        raise ConfigError(f"config key 'stages[{index}].params.reward': {e}") from e
+    return reward.to(device) if isinstance(reward, torch.nn.Module) else reward
+
+
+def setup(ctx, stage):
+    ctx.state["reward"] = ctx.resources.get(ctx.stage_index) or preflight(stage, ctx.stage_index, ctx.device)
 
 
 def stage_loss(ctx, batch, stage):

@@ -124,6 +124,11 @@ def train(cfg, args):
     torch.manual_seed(cfg.seed)
     ds = build_dataset(to_dict(cfg)["data"])
     sampler = BucketBatchSampler(ds.bucket_ids, micro_global, seed=cfg.seed)
+    resources = {}  # e.g. reward models: built before step 0 so a missing weights file fails at once
+    for i, s in enumerate(cfg.stages):
+        module = load_stage_module(s.type)
+        if hasattr(module, "preflight"):
+            resources[i] = module.preflight(s, i, accelerator.device)
     base = load_base(cfg.model)
     if cfg.model.base == "tiny":
         tiny_teacher(base, cfg, ds, out_dir, accelerator)
@@ -174,7 +179,7 @@ def train(cfg, args):
 
     ctx = StageContext(accelerator, student, unet, base.vae, base.abar, DDIMGrid(base.abar, cfg.tscd.num_ddim_timesteps),
                        base.prediction_type, cfg, encode, teacher=stack.disabled, target=ema.swapped,
-                       adapters=stack, persistent=persistent)
+                       adapters=stack, persistent=persistent, resources=resources)
     logger = RunLogger(out_dir, cfg.total_steps, step, enabled=accelerator.is_main_process,
                        tensorboard=cfg.output.tensorboard, show_bar=not args.quiet)
     stage_losses, current, module = {}, None, None

@@ -81,6 +81,7 @@ class StageContext:
     adapters: Any = None         # lora.AdapterStack: which LoRA adapters are active / trainable
     persistent: dict = field(default_factory=dict)  # discriminator, fake-score optimizer...: checkpointed
     stage_start: int = 0         # global step at which the current stage began
+    resources: dict = field(default_factory=dict)  # {stage index: object from module.preflight} (rewards)
     stage_index: int = 0         # index of the current stage in cfg.stages (for error messages)
 
     @property
