@@ -54,3 +54,40 @@ def test_trained_lora_loads_every_key_in_comfyui(comfy_server, tiny_models, tmp_
     run_log = comfy_server.log()[log_before:]
     assert "lora key not loaded" not in run_log, run_log[-3000:]
     print(f"{n_modules} LoRA modules loaded by ComfyUI with no unmatched key")
+
+
+def test_unified_stage_lora_loads_every_key_in_comfyui(comfy_server, tiny_models, tmp_path):
+    """The unified LoRA training.run writes (TSCD + feedback + score-distill adapters merged exactly)."""
+    from safetensors.torch import load_file
+
+    from training.config import load_config
+    from training.lora import add_lora, add_named_lora
+    from training.run import export_stages_and_merge
+
+    cfg = load_config(None, ["lora.rank=4", "lora.alpha=2"])
+    unet = _sd15_shaped_unet()
+    params = add_lora(unet, 4, 2.0, cfg.lora.targets)
+    params += add_named_lora(unet, "feedback", 4, 2.0, cfg.lora.targets)
+    params += add_named_lora(unet, "dmd", 4, 2.0, cfg.lora.targets)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.01)
+    lora_path = tmp_path / "unified-sd15.safetensors"
+    report = export_stages_and_merge(cfg, unet, str(tmp_path), str(lora_path), {"hypersd.base_family": "sd15"},
+                                     ["tscd", "feedback", "score_distill"], 0)
+    assert report["rank"] == 12 and report["rel_error"] < 1e-6
+    n_modules = sum(k.endswith(".alpha") for k in load_file(str(lora_path)))
+    assert n_modules >= 20
+
+    ckpt_name = comfy_server.add_model("checkpoints", tiny_models.sd15_checkpoint)
+    lora_name = comfy_server.add_model("loras", lora_path)
+    prompt = core_txt2img_prompt(ckpt_name, seed=5)
+    prompt["lora"] = {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": ["ckpt", 0], "lora_name": lora_name, "strength_model": 1.0}}
+    prompt["sampler"]["inputs"]["model"] = ["lora", 0]
+    log_before = len(comfy_server.log())
+    result = comfy_server.run_prompt(prompt)
+    assert result.ok, result.error_text()
+    run_log = comfy_server.log()[log_before:]
+    assert "lora key not loaded" not in run_log, run_log[-3000:]
+    print(f"unified LoRA (rank {report['rank']}, {n_modules} modules) loaded by ComfyUI with no unmatched key")
