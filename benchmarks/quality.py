@@ -32,10 +32,19 @@ from benchmarks import shapes
 from benchmarks.distill import add_lora, distill
 from schedulers import DiscreteDenoiser, sample_tcd, scaled_linear_alphas_cumprod, tcd_sigmas
 
-FULL = dict(teacher_steps=400, teacher_batch=32, teacher_lr=2e-3, clf_steps=300, distill_steps=160,
-            distill_batch=16, distill_lr=1e-3, guidance=3.0, n_eval=128, n_train=20000, etas=(0.0, 0.5, 1.0))
-QUICK = dict(teacher_steps=10, teacher_batch=8, teacher_lr=1e-3, clf_steps=10, distill_steps=4,
-             distill_batch=4, distill_lr=1e-3, guidance=3.0, n_eval=16, n_train=256, etas=(1.0,))
+# Later stages (feedback, score distillation) and the control row all get the same extra budget on top
+# of the TSCD student: stage_steps optimiser steps x distill_batch.
+STAGES = dict(stage_rank=8, feedback_lr=5e-4, feedback_late_fraction=1.0, dmd_lr=5e-4, dmd_gen_every=2,
+              dmd_reg_weight=0.25, dmd_ref_steps=4)
+FULL = dict(teacher_steps=400, teacher_batch=32, teacher_lr=2e-3, clf_steps=1500, clf_lr=3e-3, distill_steps=160,
+            distill_batch=16, distill_lr=1e-3, guidance=3.0, n_eval=128, n_train=20000, n_heldout=2000,
+            etas=(0.0, 0.5, 1.0), stage_steps=40, **STAGES)
+QUICK = dict(teacher_steps=10, teacher_batch=8, teacher_lr=1e-3, clf_steps=10, clf_lr=3e-3, distill_steps=4,
+             distill_batch=4, distill_lr=1e-3, guidance=3.0, n_eval=16, n_train=256, n_heldout=64, etas=(1.0,),
+             stage_steps=2, **STAGES)
+# Which config keys each cached model depends on (a changed key retrains only what depends on it).
+TEACHER_KEYS = ("teacher_steps", "teacher_batch", "teacher_lr", "n_train")
+CLF_KEYS = ("clf_steps", "clf_lr", "n_train")
 STEPS = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,14 +53,21 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# UNet levels: "unet3" = 16 -> 8 -> 4 px (a 4x4 bottleneck where each cell sits in one quadrant, so the
+# caption's position can be placed); "unet2" (16 -> 8, the first version) never learned position.
+ARCH = "unet3"
+BLOCKS = {"unet2": (32, 64), "unet3": (32, 64, 64)}
+
+
 def make_unet():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
+    blocks = BLOCKS[ARCH]
     return UNet2DConditionModel(
-        sample_size=shapes.SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=shapes.SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=blocks,
+        down_block_types=("CrossAttnDownBlock2D",) * len(blocks),
+        up_block_types=("CrossAttnUpBlock2D",) * len(blocks),
         cross_attention_dim=shapes.EMBED_DIM, attention_head_dim=8, norm_num_groups=8)
 
 
@@ -119,21 +135,35 @@ class Classifier(torch.nn.Module):
         return f, [h(f) for h in self.heads]
 
 
-def train_classifier(task, cfg):
-    torch.manual_seed(0)
+def train_classifier(labels, images, cfg, seed: int = 0):
+    """Attribute classifier on ground-truth images (`seed`: init and batch order)."""
+    torch.manual_seed(seed)
     clf = Classifier()
-    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(2)
+    opt = torch.optim.AdamW(clf.parameters(), lr=cfg["clf_lr"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["clf_lr"], total_steps=cfg["clf_steps"], pct_start=0.2)
+    gen = torch.Generator().manual_seed(2 + seed)
     for step in range(cfg["clf_steps"]):
-        idx = torch.randint(len(task.labels), (64,), generator=gen)
-        x = task.images[idx] + 0.05 * torch.randn(task.images[idx].shape, generator=gen)  # robust to sampler noise
+        idx = torch.randint(len(labels), (64,), generator=gen)
+        x = images[idx] + 0.05 * torch.randn(images[idx].shape, generator=gen)  # robust to sampler noise
         _, logits = clf(x.clamp(-1, 1))
-        loss = sum(torch.nn.functional.cross_entropy(lg, task.labels[idx, i]) for i, lg in enumerate(logits))
+        loss = sum(torch.nn.functional.cross_entropy(lg, labels[idx, i]) for i, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
+        if step % 500 == 0 or step == cfg["clf_steps"] - 1:
+            log(f"classifier(seed {seed}) step {step + 1}/{cfg['clf_steps']} loss {float(loss):.4f}")
     clf.eval()
     return clf
+
+
+@torch.no_grad()
+def heldout_accuracy(clf, labels, images) -> dict:
+    _, logits = clf(images)
+    acc = {k: float((lg.argmax(1) == labels[:, i]).float().mean()) for i, (k, lg) in enumerate(zip(shapes.ATTRIBUTES, logits))}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    acc["all_three"] = float(torch.stack([lg.argmax(1) == labels[:, i] for i, lg in enumerate(logits)]).all(0).float().mean())
+    return acc
 
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
@@ -190,18 +220,32 @@ def score(clf, images, labels, real_feats, reference):
 
 # --- cache ----------------------------------------------------------------------------------------
 
+TRAIN_SECONDS: dict[str, float] = {}
+
+
 def cached_model(path: Path, build, make):
+    """Load `path` if cached, else build, save and record the training time (seconds, in the .json beside it)."""
+    meta = path.with_suffix(".json")
     if path.exists():
         model = make()
         model.load_state_dict(load_file(path))
         model.eval()
+        if meta.exists():
+            TRAIN_SECONDS[path.stem] = json.loads(meta.read_text())["train_s"]
         log(f"loaded {path}")
         return model
     t0 = time.time()
     model = build()
     atomic_save(model.state_dict(), path)
+    TRAIN_SECONDS[path.stem] = round(time.time() - t0, 1)
+    write_atomic_text(meta, json.dumps({"train_s": TRAIN_SECONDS[path.stem], "load_average_end": os.getloadavg()}))
     log(f"trained {path.name} in {time.time() - t0:.0f} s")
     return model
+
+
+def cfg_hash(cfg, keys=None) -> str:
+    sub = cfg if keys is None else {k: cfg[k] for k in keys}
+    return hashlib.sha1(json.dumps(sub, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
 
 def student_maker(rank=16):
@@ -216,11 +260,27 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
     t_start = time.time()
     task = Task(cfg)
     tag = "quick" if quick else "full"
-    # Key the cache by the config so a changed budget never reuses stale models.
-    key = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=list).encode()).hexdigest()[:10]
-    cache = cache / f"{tag}-{key}"
+    load_start = os.getloadavg()
+    # Key the cache by the config so a changed budget never reuses stale models: the directory by the
+    # teacher's config (+ architecture version), each file by the keys it depends on.
+    cache = cache / f"{tag}-{cfg_hash(cfg, TEACHER_KEYS)}-{ARCH}"
+    ck = cfg_hash(cfg, CLF_KEYS)
+    # Evaluation classifier: the teacher's training images. Reward classifier (feedback stage only): a
+    # disjoint split (other labels, other jitter) and another init/batch seed, so the metric is not the
+    # function the feedback stage climbs.
+    clf = cached_model(cache / f"classifier-{ck}.safetensors",
+                       lambda: train_classifier(task.labels, task.images, cfg, seed=0), Classifier)
+    r_labels = shapes.sample_labels(cfg["n_train"], seed=3)
+    reward_clf = cached_model(cache / f"reward_classifier-{ck}.safetensors",
+                              lambda: train_classifier(r_labels, shapes.make_images(r_labels, seed=3), cfg, seed=1),
+                              Classifier)
+    h_labels = shapes.sample_labels(cfg["n_heldout"], seed=5)
+    h_images = shapes.make_images(h_labels, seed=5)
+    clf_acc = {"eval_classifier": heldout_accuracy(clf, h_labels, h_images),
+               "reward_classifier": heldout_accuracy(reward_clf, h_labels, h_images), "n_heldout": cfg["n_heldout"],
+               "heldout_split": "labels + jitter seed 5 (training: seed 1 eval clf, seed 3 reward clf)"}
+    log(f"held-out accuracy: {clf_acc}")
     teacher = cached_model(cache / "teacher.safetensors", lambda: train_teacher(task, cfg), make_unet)
-    clf = cached_model(cache / "classifier.safetensors", lambda: train_classifier(task, cfg), Classifier)
 
     def data_fn(gen):
         return task.batch(gen, cfg["distill_batch"])
@@ -238,8 +298,37 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
         "CD k=1 (LCM-style)": [(1, n)],
         "TSCD 8-4-2-1": [(8, n // 4), (4, n // 4), (2, n // 4), (1, n - 3 * (n // 4))],
     }
-    models = {name: cached_model(cache / f"student_{i}.safetensors", build_student(st, 10 + i), student_maker())
+    sk = cfg_hash(cfg, TEACHER_KEYS + ("distill_steps", "distill_batch", "distill_lr", "guidance"))
+    models = {name: cached_model(cache / f"student_{i}-{sk}.safetensors", build_student(st, 10 + i), student_maker())
               for i, (name, st) in enumerate(students.items())}
+    tscd = models["TSCD 8-4-2-1"]
+
+    # Later stages on top of the TSCD student, each with the same extra budget (stage_steps x distill_batch).
+    from benchmarks import stages as later
+    stage_key = cfg_hash(cfg, TEACHER_KEYS + CLF_KEYS + ("distill_steps", "distill_batch", "distill_lr", "guidance",
+                                                         "stage_steps") + tuple(STAGES))
+    e = cfg["stage_steps"]
+
+    def build_control():
+        unet = student_maker()()
+        unet.load_state_dict(tscd.state_dict())
+        for p_name, p in unet.named_parameters():
+            p.requires_grad_("lora_" in p_name)
+        return distill(unet, data_fn, [(1, e)], cfg["guidance"], cfg["distill_lr"], 20, log=log)
+
+    later_models = {
+        f"TSCD + {e} more k=1 steps (control)": cached_model(
+            cache / f"control-{stage_key}.safetensors", build_control, student_maker()),
+        "TSCD + feedback (ReFL)": cached_model(
+            cache / f"feedback-{stage_key}.safetensors",
+            lambda: later.train_feedback(tscd, make_unet, later.AttributeReward(reward_clf), task, cfg, 21, log=log),
+            lambda: later.stage_unet(make_unet, "feedback", cfg["stage_rank"])),
+        "TSCD + score distillation (DMD)": cached_model(
+            cache / f"dmd-{stage_key}.safetensors",
+            lambda: later.train_dmd(tscd, teacher, make_unet, task, cfg, 22, log=log),
+            lambda: later.stage_unet(make_unet, "dmd", cfg["stage_rank"])),
+    }
+    models.update(later_models)
     t_train = time.time() - t_start
 
     # Evaluation set: fresh prompts, fixed noise shared by every row.
@@ -276,7 +365,9 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
     result = {
         "benchmark": "quality", "mode": tag, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "machine": machine_info(), "train_or_load_s": round(t_train, 1), "total_s": round(time.time() - t_start, 1),
-        "classifier_on_real_eval_images": real_check, "rows": rows,
+        "classifier_on_real_eval_images": real_check, "classifier_heldout_accuracy": clf_acc,
+        "train_seconds": dict(TRAIN_SECONDS), "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "rows": rows,
         "notes": "pixel-space 16x16 shapes; students sampled at cfg 1 (guidance distilled), teacher at cfg "
                  f"{w}; eta=1 TCD is the LCM multistep sampler; dist25 = RMS to the teacher's 25-step DDIM output "
                  "from the same noise (stochastic rows also draw their own re-noise).",
@@ -320,8 +411,17 @@ def write_atomic_text(path: Path, text: str):
 def write_results(result, samples, out_dir: Path, tag: str):
     write_atomic_text(out_dir / f"quality_{tag}.json", json.dumps(result, indent=1))
     m = result["machine"]
-    header = (f"# Quality benchmark ({tag})\n\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-              f"{m['gpu']}. Total {result['total_s']} s.\n\n")
+    acc = result["classifier_heldout_accuracy"]
+    fmt = lambda a: ", ".join(f"{k} {a[k]:.3f}" for k in ("color", "shape", "position", "all_three"))  # noqa: E731
+    load = lambda v: "/".join(f"{x:.1f}" for x in v)  # noqa: E731
+    header = (f"# Quality benchmark ({tag})\n\nMachine: {m['cpu']}, {m['cores']} cores (shared with other jobs: load "
+              f"average {load(result['load_average_start'])} at start, {load(result['load_average_end'])} at end), "
+              f"torch {m['torch']}, {m['torch_threads']} torch thread(s), {m['gpu']}. Total {result['total_s']} s "
+              f"(training or loading {result['train_or_load_s']} s; training seconds per model: "
+              f"{json.dumps(result['train_seconds'])}).\n\n"
+              f"Attribute classifiers on {acc['n_heldout']} held-out ground-truth images ({acc['heldout_split']}): "
+              f"evaluation classifier {fmt(acc['eval_classifier'])}; reward classifier (feedback stage only) "
+              f"{fmt(acc['reward_classifier'])}.\n\n")
     write_atomic_text(out_dir / f"quality_{tag}.md", header + markdown_table(result["rows"]) + "\n" + result["notes"] + "\n")
     from benchmarks.chart import quality_chart, sample_grid
     quality_chart(result["rows"], out_dir / f"quality_{tag}.png")

@@ -45,6 +45,23 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median time of each fn, timed round-robin (one call of each per round, order rotated every
+    round) so that load changes on a shared machine hit every variant alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times = {n: [] for n in names}
+    for i in range(repeats):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def allocated_bytes(fn) -> int:
     """Bytes torch allocated on CPU while fn ran (sum of allocations, i.e. temporaries), via the profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -81,9 +98,11 @@ def sampler_math(shape, steps=8, eta=0.3, repeats=20):
         abar_s = peer_abar_s(sigmas, eta, abar)
         return peer_sample_tcd(identity, x * sigmas[0], sigmas, abar_s, eta, lambda: torch.randn_like(x))
 
-    row = {"shape": list(shape), "steps": steps, "eta": eta}
-    for name, fn in (("ours", ours), ("diffusers", diffusers_loop), ("peer_comfyui_tcd", peer)):
-        row[f"{name}_us_per_step"] = median_time(fn, repeats) / steps * 1e6
+    row = {"shape": list(shape), "steps": steps, "eta": eta, "repeats": repeats, "timing": "interleaved round-robin"}
+    fns = {"ours": ours, "diffusers": diffusers_loop, "peer_comfyui_tcd": peer}
+    for name, sec in interleaved_medians(fns, repeats).items():
+        row[f"{name}_us_per_step"] = sec / steps * 1e6
+    for name, fn in fns.items():
         row[f"{name}_alloc_bytes_per_step"] = allocated_bytes(fn) // steps
     row["ours_vs_diffusers"] = row["ours_us_per_step"] / row["diffusers_us_per_step"]
     row["ours_vs_peer"] = row["ours_us_per_step"] / row["peer_comfyui_tcd_us_per_step"]
@@ -269,18 +288,33 @@ def train_one(name: str) -> dict:
            "reference_unet_floor": lambda: unet_passes_fn(unet, b, [b, b, b])}
     step = fns[name]()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sec = median_time(step, TRAIN["steps"], warmup=1)
+    step()  # warmup
+    times = []
+    for _ in range(TRAIN["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"name": name, "step_ms": sec * 1e3, "peak_rss_growth_mib": (peak - rss0) / 1024, "peak_rss_mib": peak / 1024}
+    return {"name": name, "step_ms": statistics.median(times) * 1e3, "step_times_ms": [t * 1e3 for t in times], "peak_rss_growth_mib": (peak - rss0) / 1024, "peak_rss_mib": peak / 1024}
 
 
-def training_step():
+def training_step(rounds: int = 2):
+    """Each variant in fresh subprocesses, `rounds` rounds in alternating order (ABCD, DCBA, ...);
+    step time = median over all rounds' steps, peak RSS growth = max over rounds."""
+    names = ["ours_tscd", "reference_lcm_lora", "ours_unet_floor", "reference_unet_floor"]
+    runs = {n: [] for n in names}
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--_train-one", name], cwd=ROOT,
+                                 capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = {}
-    for name in ("ours_tscd", "reference_lcm_lora", "ours_unet_floor", "reference_unet_floor"):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--_train-one", name], cwd=ROOT,
-                             capture_output=True, text=True, check=True)
-        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    r = {"config": dict(TRAIN, dtype="float32"), **rows}
+    for name, rs in runs.items():
+        times = [t for r in rs for t in r["step_times_ms"]]
+        rows[name] = {"name": name, "step_ms": statistics.median(times), "step_times_ms": times,
+                      "peak_rss_growth_mib": max(r["peak_rss_growth_mib"] for r in rs),
+                      "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "processes": len(rs)}
+    r = {"config": dict(TRAIN, dtype="float32", rounds=rounds), **rows}
     r["ours_vs_reference"] = rows["ours_tscd"]["step_ms"] / rows["reference_lcm_lora"]["step_ms"]
     r["ours_over_own_unet_floor"] = rows["ours_tscd"]["step_ms"] / rows["ours_unet_floor"]["step_ms"]
     r["reference_over_own_unet_floor"] = rows["reference_lcm_lora"]["step_ms"] / rows["reference_unet_floor"]["step_ms"]
@@ -326,8 +360,8 @@ def run(quick: bool):
     t0 = time.time()
     shapes = [(1, 4, 64, 64)] if quick else [(1, 4, 64, 64), (4, 4, 128, 128)]
     result = {"benchmark": "speed", "mode": "quick" if quick else "full", "machine": machine_info(),
-              "gpu_rows": "not measured (no GPU on this machine)"}
-    result["sampler_math"] = [sampler_math(s, repeats=3 if quick else 20) for s in shapes]
+              "gpu_rows": "not measured (no GPU on this machine)", "load_average_start": os.getloadavg()}
+    result["sampler_math"] = [sampler_math(s, repeats=3 if quick else (200 if s[0] == 1 else 30)) for s in shapes]
     print(json.dumps(result["sampler_math"], indent=1), flush=True)
     result["sampling_vs_unet_floor"] = [sampling_vs_floor(size, repeats=2 if quick else 7) for size in ((32,) if quick else (32, 64))]
     print(json.dumps(result["sampling_vs_unet_floor"], indent=1), flush=True)
@@ -336,15 +370,23 @@ def run(quick: bool):
         print(json.dumps(result["training_step"], indent=1), flush=True)
     result["import_outside_comfyui"] = import_time_outside(2 if quick else 7)
     result["import_inside_comfyui"] = {"measured": False, "reason": "skipped in --quick"} if quick else import_time_inside_comfyui()
+    result["load_average_end"] = os.getloadavg()
     result["total_s"] = round(time.time() - t0, 1)
     return result
+
+
+def fmt_load(load) -> str:
+    return "n/a" if not load else "/".join(f"{v:.1f}" for v in load)
 
 
 def markdown(r) -> str:
     m = r["machine"]
     out = [f"# Speed benchmark ({r['mode']})", "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-           f"torch threads {m['torch_threads']}. GPU rows: {r['gpu_rows']}.", "",
-           "## Sampler math per step (identity denoiser, TCD 8 steps, eta 0.3; median)", "",
+           f"torch threads {m['torch_threads']}. GPU rows: {r['gpu_rows']}.",
+           f"Load average (1/5/15 min) at start {fmt_load(r.get('load_average_start'))}, at end "
+           f"{fmt_load(r.get('load_average_end'))}: the machine is shared, absolute times are inflated; ratios "
+           "come from interleaved repeats in the same run.", "",
+           "## Sampler math per step (identity denoiser, TCD 8 steps, eta 0.3; median of interleaved repeats)", "",
            "| latent | ours us/step | diffusers TCDScheduler.step us/step | peer ComfyUI-TCD us/step | ours/diffusers | ours/peer | alloc B/step ours / diffusers / peer |",
            "|---|---|---|---|---|---|---|"]
     for s in r["sampler_math"]:

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from benchmarks import peer_tcd, quality, shapes
+from benchmarks import peer_tcd, quality, shapes, stages
 from schedulers import sample_tcd, scaled_linear_alphas_cumprod, tcd_sigmas
 
 
@@ -45,7 +45,10 @@ def test_quality_quick_end_to_end(tmp_path):
     result = json.loads((tmp_path / "out" / "quality_quick.json").read_text())
     rows = result["rows"]
     models = {r["model"] for r in rows}
-    assert {"teacher (DDIM)", "CD k=1 (LCM-style) + LCM", "TSCD 8-4-2-1 + TCD"} <= models
+    assert {"teacher (DDIM)", "CD k=1 (LCM-style) + LCM", "TSCD 8-4-2-1 + TCD", "TSCD + feedback (ReFL) + TCD",
+            "TSCD + score distillation (DMD) + TCD", "TSCD + 2 more k=1 steps (control) + TCD"} <= models
+    for name in ("eval_classifier", "reward_classifier"):
+        assert 0.0 <= result["classifier_heldout_accuracy"][name]["mean"] <= 1.0
     assert {r["steps"] for r in rows} == {1, 2, 4, 8, 25}
     for r in rows:
         assert 0.0 <= r["align"] <= 1.0 and r["fd"] >= 0.0
@@ -56,3 +59,31 @@ def test_quality_quick_end_to_end(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     # cached: a second run loads instead of training
     assert list((tmp_path / "cache").glob("quick-*/teacher.safetensors"))
+
+
+def test_fused_copy_matches_the_lora_student_and_reward_is_differentiable():
+    from benchmarks.distill import add_lora
+
+    unet = quality.make_unet()
+    add_lora(unet, 4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    x, t, ehs = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([999, 259]), torch.randn(2, 3, shapes.EMBED_DIM, generator=g)
+    fused = stages.fused_copy(unet, quality.make_unet)
+    with torch.no_grad():
+        want = unet(x, t, ehs).sample
+        assert not hasattr(fused, "peft_config")
+        torch.testing.assert_close(fused(x, t, ehs).sample, want, rtol=1e-4, atol=1e-4)
+        unet.disable_adapters()
+        assert (unet(x, t, ehs).sample - want).abs().max() > 1e-3  # the LoRA did change the output
+
+    reward = stages.AttributeReward(quality.Classifier())
+    labels = torch.tensor([[0, 1, 2], [3, 0, 1]])
+    img = torch.zeros(2, 3, 16, 16, requires_grad=True)
+    r = reward(img, labels)
+    assert r.shape == (2,) and bool((r <= 0).all())  # mean log-probability
+    r.sum().backward()
+    assert img.grad is not None and img.grad.abs().sum() > 0
