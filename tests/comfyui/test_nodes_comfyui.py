@@ -3,7 +3,8 @@
 * in-process (tests/comfyui/nodes_inprocess.py under ComfyUI's python): pack loaded by ComfyUI's
   custom-node loader; TCD via SamplerCustom and via plain KSampler(tcd, tcd), the 1-step sampler,
   all compared with VP-space references written from the reference doc's formulas; LoRA loader on
-  kohya and PEFT files checked weight by weight; every bad input's error message.
+  kohya and PEFT files checked weight by weight, on the UNet and on real ComfyUI CLIPs (SD1.5 CLIP-L,
+  SDXL CLIP-L + CLIP-G) for every text-encoder key format; every bad input's error message.
 * server: `main.py --cpu` with the pack in custom_nodes: import line without failure and < 0.2 s,
   /object_info lists every node and `tcd` in KSampler's sampler and scheduler lists, the loader's
   sampler/scheduler combo outputs carry KSampler's option lists.
@@ -89,6 +90,66 @@ def test_core_loader_drops_peft_attention_but_ours_does_not(report, tag):
     assert report[f"lora_{tag}_peft"]["lora_key_not_loaded"] == 0
 
 
+TE_FORMATS = {"sd15": ["kohya_te", "kohya_te1", "peft", "peft_base_model", "diffusers", "diffusers_lora",
+                        "diffusers_old"],
+              "sdxl": ["kohya", "peft", "diffusers", "diffusers_old"]}
+# Modules a TE LoRA targets: q/k/v/out_proj (+ mlp fc1/fc2 except old diffusers, attention only) of
+# CLIP-L layers 0, 5, 11 (SD1.5) or CLIP-L 0, 11 + CLIP-G 0, 17, 31 (SDXL).
+TE_EXPECTED = {"sd15": {"clip_l": 3}, "sdxl": {"clip_l": 2, "clip_g": 3}}
+TE_CASES = [(tag, fmt) for tag, fmts in TE_FORMATS.items() for fmt in fmts]
+TE_TOL = 1e-5  # float32 weights vs float64 base + strength * scale * up @ down
+
+
+@pytest.mark.parametrize("tag,fmt", TE_CASES)
+def test_text_encoder_lora_applied_fully(report, tag, fmt):
+    """Every targeted CLIP weight equals base + strength_clip * scale * up @ down; nothing else moved."""
+    assert report[f"te_{tag}_clip_class"] == {"sd15": "SD1ClipModel", "sdxl": "SDXLClipModel"}[tag]
+    assert report[f"te_{tag}_clip_dtypes"] == ["torch.float32"]
+    r = report[f"te_{tag}_{fmt}"]
+    per_layer = 4 if fmt == "diffusers_old" else 6
+    expected = {enc: layers * per_layer for enc, layers in TE_EXPECTED[tag].items()}
+    n = sum(expected.values())
+    assert r["lora_key_not_loaded"] == 0, r
+    assert r["expected_changed"] == r["changed_weights"] == r["clip_patches"] == n, r
+    assert r["changed_is_expected"] is True  # exactly the targeted weights changed, every other tensor equal
+    assert r["changed_per_encoder"] == expected
+    assert r["model_patches"] == 0  # a TE-only LoRA adds nothing to the UNet
+    assert r["max_abs_err"] < TE_TOL < r["max_abs_delta"] / 100, r  # the check can fail: deltas are ~1e-1
+    family = {"sd15": "SD15", "sdxl": "SDXL"}[tag]
+    assert f"applied {n}/{n} modules to {family}" in r["info"] and "clip 0.6" in r["info"]
+    assert report[f"te_{tag}_base_clip_unchanged"] is True
+
+
+@pytest.mark.parametrize("tag,fmt", [("sd15", "peft_base_model"), ("sd15", "diffusers_old"),
+                                     ("sdxl", "diffusers_old")])
+def test_core_loader_drops_text_encoder_keys_ours_applies(report, tag, fmt):
+    """ComfyUI's own loader drops every tensor of these TE formats; the node applies all of them."""
+    r = report[f"te_{tag}_{fmt}"]
+    assert r["core_not_loaded"] == r["tensors"] > 0 and r["core_clip_patches"] == 0, r
+    assert r["lora_key_not_loaded"] == 0 and r["clip_patches"] == r["expected_changed"]
+
+
+@pytest.mark.parametrize("tag,fmt", [("sd15", "kohya_te1"), ("sd15", "peft"), ("sdxl", "kohya"), ("sdxl", "peft")])
+def test_core_loader_agrees_on_formats_it_maps(report, tag, fmt):
+    """Where ComfyUI maps the keys itself (kohya, PEFT `text_encoder.`/`text_encoder_2.`) both patch the same modules."""
+    r = report[f"te_{tag}_{fmt}"]
+    assert r["core_not_loaded"] == 0 and r["core_clip_patches"] == r["clip_patches"], r
+
+
+def test_mixed_unet_and_text_encoder_lora(report):
+    """UNet + TE LoRA in one file: both parts applied with a CLIP; without one the UNet part is applied
+    and the skipped text-encoder tensors are counted in the info."""
+    r = report["te_sd15_mixed"]
+    unet_modules, te_modules = r["unet_tensors"] // 3, r["te_tensors"] // 2  # kohya up/down/alpha, PEFT A/B
+    w, wo = r["with_clip"], r["no_clip"]
+    assert w["model_patches"] == unet_modules > 0 and w["clip_patches"] == te_modules == 18, r
+    assert f"applied {unet_modules + te_modules}/{unet_modules + te_modules} modules to SD15" in w["info"]
+    assert wo["model_patches"] == unet_modules and wo["clip_patches"] is None, r
+    assert f"applied {unet_modules}/{unet_modules} modules" in wo["info"]
+    assert f"{r['te_tensors']} text-encoder tensors skipped (no CLIP connected)" in wo["info"]
+    assert w["lora_key_not_loaded"] == wo["lora_key_not_loaded"] == 0
+
+
 EXPECTED_ERRORS = {
     "wrong_family": "this LoRA is for SDXL but the model is SD15",
     "zero_match": "none of the 1 LoRA modules match this SD15 model",
@@ -106,6 +167,8 @@ EXPECTED_ERRORS = {
     "nan_tcd": "TCD sampler: the model returned NaN/inf at step 0",
     "nan_one_step": "HyperSDOneStepSampler: the model returned NaN/inf at step 0",
     "sd15_lora_on_sdxl": "this LoRA is for SD15 but the model is SDXL",
+    "te_only_no_clip_sd15": "te_sd15_peft.safetensors has no UNet LoRA keys (text-encoder only) and no CLIP is connected",
+    "te_only_no_clip_sdxl": "te_sdxl_peft.safetensors has no UNet LoRA keys (text-encoder only) and no CLIP is connected",
 }
 
 
