@@ -1,0 +1,98 @@
+"""The stage plug-ins as training.run calls them (shared UNet, one adapter per group, AdapterStack):
+each lowers its own loss on a fixed batch, and only its own adapter receives gradients."""
+import pytest
+import torch
+
+PRETRAIN = 20
+# The loss each stage is judged by: adversarial -> its TSCD part (the adversarial term is a game with
+# a discriminator that trains too, not a monotone objective); feedback -> ReLU(alpha - reward);
+# score_distill -> the fake-score denoising loss and the regression to the teacher's multi-step
+# output (the DMD surrogate's value is |normalised (fake - real)|^2, which moves with the fake score).
+OWN = {"adversarial": ["tscd_loss"], "feedback": ["feedback_loss"], "score_distill": ["fake_loss", "dmd_reg"]}
+LR = {"adversarial": 3e-3, "feedback": 3e-3, "score_distill": 3e-4}
+STEPS = {"adversarial": 6, "feedback": 6, "score_distill": 6}
+PARAMS = {"adversarial": {}, "feedback": {"reward": "tiny", "alpha": 2.0},
+          "score_distill": {"guidance": 3.0, "reg_steps": 2, "reg_weight": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from accelerate import Accelerator
+
+    from training.config import StageConfig, load_config
+    from training.lora import AdapterStack, add_lora, add_named_lora
+    from training.models import build_tiny, encode_prompts
+    from training.stages import ADAPTER_OF, StageContext, load_stage_module
+    from training.tscd import DDIMGrid
+
+    from training import tiny
+    from training.data import build_dataset, collate
+
+    cfg = load_config(None, ["lora.rank=4", "lora.alpha=4"])
+    base = build_tiny()
+    # a random teacher gives meaningless (huge) x0 at t = 999: fit it briefly, as the default run does
+    data = collate([item for item in build_dataset({"source": "generated", "resolution": 32, "num_generated": 8})])
+    tiny.pretrain_tiny(base.unet, base.vae, base.text_encoders[0], base.tokenizers[0], data["pixel_values"],
+                       data["caption"], base.abar, steps=PRETRAIN, vae_steps=5, batch_size=8)
+    unet = base.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    params = {"tscd": add_lora(unet, 4, 4.0, cfg.lora.targets)}
+    for g in ("feedback", "score_distill"):
+        params[g] = add_named_lora(unet, ADAPTER_OF[g], 4, 4.0, cfg.lora.targets)
+    stages = {t: StageConfig(type=t, segments=1, steps=STEPS[t], params=PARAMS[t]) for t in STEPS}
+    persistent = {}
+    for t in ("adversarial", "score_distill"):
+        persistent.update(load_stage_module(t).build_persistent(unet, [stages[t]], cfg))
+    stack = AdapterStack(unet)
+    acc = Accelerator(cpu=True)
+
+    def encode(prompts):
+        return encode_prompts(base, prompts, "cpu")
+
+    ctx = StageContext(acc, unet, unet, base.vae, base.abar, DDIMGrid(base.abar, cfg.tscd.num_ddim_timesteps),
+                       "epsilon", cfg, encode, teacher=stack.disabled, target=torch.no_grad, adapters=stack,
+                       persistent=persistent)
+    g = torch.Generator().manual_seed(3)
+    prompts = ["a red circle", "a blue square"]
+    u = torch.rand(2, 8, generator=g, dtype=torch.float64)
+    u[:, 0] = 0.0  # j = 1: the TSCD target is the teacher's own solver step (fixed, not self-referential)
+    batch = {"latents": torch.randn(2, 4, 16, 16, generator=g) * 0.5, "noise": torch.randn(2, 4, 16, 16, generator=g),
+             "u": u, "cond": encode(prompts), "uncond": encode(["", ""]), "captions": prompts}
+    return ctx, stages, params, batch
+
+
+@pytest.mark.parametrize("stype, group, active", [
+    ("adversarial", "tscd", ["default"]),
+    ("feedback", "feedback", ["default", "feedback"]),
+    ("score_distill", "score_distill", ["default", "feedback", "dmd"]),
+])
+def test_stage_lowers_its_own_loss_on_a_fixed_batch(harness, stype, group, active):
+    from training.stages import ADAPTER_OF, load_stage_module
+
+    ctx, stages, params, batch = harness
+    stage, module = stages[stype], load_stage_module(stype)
+    ctx.adapters.use(active, [ADAPTER_OF[group]])
+    ctx.state, ctx.step, ctx.stage_start, ctx.stage_index = {}, 0, 0, 0
+    if hasattr(module, "setup"):
+        module.setup(ctx, stage)
+    opt = torch.optim.Adam(params[group], lr=LR[stype])
+    for p in ctx.unet.parameters():  # the module-scoped UNet may hold an earlier test's gradients
+        p.grad = None
+    losses, own, rewards = [], [], []
+    for _ in range(stage.steps):
+        loss, logs = module.stage_loss(ctx, batch, stage)
+        own.append({k: logs[k] for k in OWN[stype]})
+        rewards.append(logs.get("reward"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        others = [n for n, p in ctx.unet.named_parameters() if p.grad is not None and "lora_" in n
+                  and f".{ADAPTER_OF[group]}." not in n]
+        assert not others, f"{stype}: gradients reached other adapters, e.g. {others[:2]}"
+        opt.step()
+        losses.append(loss.item())
+    print(f"{stype}: total {losses[0]:.4g} -> {losses[-1]:.4g}; " +
+          ", ".join(f"{k} {own[0][k]:.4g} -> {own[-1][k]:.4g}" for k in OWN[stype]))
+    for k in OWN[stype]:
+        assert own[-1][k] < own[0][k], (k, own)
+    if stype == "feedback":
+        assert rewards[-1] > rewards[0]
