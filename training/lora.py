@@ -72,10 +72,14 @@ class EMA:
 
 def add_named_lora(unet, name: str, rank: int, alpha: float, targets, init="gaussian"):
     """Add another peft adapter `name`; returns its parameters (fp32). B starts at 0 (delta 0)."""
+    import warnings
+
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                init_lora_weights=init), adapter_name=name)
+    with warnings.catch_warnings():  # "multiple adapters in the model": intended here
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                    init_lora_weights=init), adapter_name=name)
     params = [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
     for p in params:
         p.data = p.data.float()

@@ -192,6 +192,9 @@ def train(cfg, args):
             group = GROUP_OF[stage.type]
             stack.use(*adapters_for(group, groups, bool(init_rank)))
             ctx.state, ctx.stage_index, ctx.stage_start = {}, idx, sum(s.steps for s in cfg.stages[:idx])
+            # DDP registered only the first group's adapter: later groups call the plain module and
+            # average their gradients by hand (below), so DDP never waits for frozen parameters
+            ctx.student = student if group == groups[0] else unet
             if hasattr(module, "setup"):
                 module.setup(ctx, stage)
         ctx.step = step
