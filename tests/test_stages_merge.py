@@ -105,3 +105,36 @@ def test_stage_plan_errors():
         validate_stage_plan([S("tscd", 8), S("feedbak", 1)])
     with pytest.raises(ValueError, match=r"stages\[1\].segments.*segments: 1"):
         validate_stage_plan([S("tscd", 8), S("score_distill", 2)])
+
+
+@pytest.mark.parametrize("merge_rank", [0, 3])
+def test_run_export_writes_stage_files_and_unified_lora(tmp_path, merge_rank):
+    """training.run's export: one file per stage group + the unified file (exact, or SVD re-ranked with the
+    error reported against the sum of the stage deltas)."""
+    from training.config import load_config
+    from training.lora import add_lora, add_named_lora
+    from training.run import export_stages_and_merge
+
+    cfg = load_config(None, ["lora.rank=4", "lora.alpha=2", f"output.merge_rank={merge_rank}"])
+    unet = tiny_unet()
+    torch.manual_seed(0)
+    params = add_lora(unet, 4, 2.0, cfg.lora.targets) + add_named_lora(unet, "feedback", 4, 2.0, cfg.lora.targets)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    out = tmp_path / "unified.safetensors"
+    report = export_stages_and_merge(cfg, unet, str(tmp_path), str(out), {}, ["tscd", "feedback"], 0)
+    stages = [load_kohya(p) for p in report["stage_files"]]
+    unified = load_kohya(str(out))
+    num = den = 0.0
+    for name, m in unified.items():
+        want = sum(s[name].delta() for s in stages if name in s)
+        num, den = num + (m.delta() - want).norm().item() ** 2, den + want.norm().item() ** 2
+    err = (num / den) ** 0.5
+    print(f"merge_rank {merge_rank}: rank {report['rank']}, reported rel error {report['rel_error']:.3e}, "
+          f"measured {err:.3e}")
+    assert report["rel_error"] == pytest.approx(err, rel=1e-3, abs=1e-9)
+    if merge_rank:
+        assert report["rank"] == 3 and 1e-3 < err < 1 and report["svd_rel_error"] == pytest.approx(err, rel=1e-3)
+    else:
+        assert report["rank"] == 8 and err < 1e-6
