@@ -99,7 +99,7 @@ def feedback_step(unet, vae, reward, optimizer, batch, alphas_cumprod, cfg: dict
 
 # --- training.run plug-in: ReFL on the student's own "feedback" LoRA (see docs/stages.md) ---------
 
-PARAMS = {"reward": "tiny", "reward_weights": "", "reward_options": {}, "alpha": 1.0, "steps": 4,
+PARAMS = {"lr": 0.0, "reward": "tiny", "reward_weights": "", "reward_options": {}, "alpha": 1.0, "steps": 4,
           "late_fraction": 0.5}
 
 

@@ -159,7 +159,7 @@ def train(cfg, args):
     stack.use(*adapters_for(groups[0], groups, bool(init_rank)))
     params = [p for g in groups for p in adapter_params[g]]
     ema = EMA(adapter_params.get("tscd", []), cfg.tscd.ema_decay)
-    opt = torch.optim.AdamW([{"params": adapter_params[g]} for g in groups], lr=cfg.optim.lr,
+    opt = torch.optim.AdamW([{"params": adapter_params[g], "lr": group_lr(cfg, g)} for g in groups], lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     lr_sched = get_scheduler(cfg.optim.lr_scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps,
                              num_training_steps=cfg.total_steps)
@@ -237,6 +237,15 @@ def plan_groups(stages):
     from .stages import GROUP_OF
 
     return list(dict.fromkeys(GROUP_OF[s.type] for s in stages))
+
+
+def group_lr(cfg, group):
+    """A group's learning rate: `params.lr` of its first stage (feedback / score_distill), else optim.lr.
+    The lr schedule scales every group alike."""
+    from .stages import GROUP_OF
+
+    first = next(s for s in cfg.stages if GROUP_OF[s.type] == group)
+    return float((first.params or {}).get("lr") or cfg.optim.lr)
 
 
 def adapters_for(group, groups, has_init):

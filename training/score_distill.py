@@ -143,7 +143,7 @@ def save_full_unet(unet, path: str, dtype=torch.float16):
 
 # --- training.run plug-in: DMD on the student's own "dmd" LoRA at t = 999 (see docs/stages.md) ----
 
-PARAMS = {"mode": "lora", "timestep": 999, "guidance": 7.5, "gen_every": 1, "reg_weight": 0.25,
+PARAMS = {"lr": 0.0, "mode": "lora", "timestep": 999, "guidance": 7.5, "gen_every": 1, "reg_weight": 0.25,
           "reg_steps": 4, "fake_lr": 1e-3, "fake_rank": 0, "t_min": 20, "t_max": 980}
 
 
