@@ -39,9 +39,9 @@ STAGES = dict(stage_rank=8, feedback_lr=5e-4, feedback_late_fraction=1.0, dmd_lr
 FULL = dict(teacher_steps=400, teacher_batch=32, teacher_lr=2e-3, clf_steps=1500, clf_lr=3e-3, distill_steps=160,
             distill_batch=16, distill_lr=1e-3, guidance=3.0, n_eval=128, n_train=20000, n_heldout=2000,
             etas=(0.0, 0.5, 1.0), stage_steps=40, **STAGES)
-QUICK = dict(teacher_steps=10, teacher_batch=8, teacher_lr=1e-3, clf_steps=10, clf_lr=3e-3, distill_steps=4,
-             distill_batch=4, distill_lr=1e-3, guidance=3.0, n_eval=16, n_train=256, n_heldout=64, etas=(1.0,),
-             stage_steps=2, **STAGES)
+QUICK = dict(teacher_steps=6, teacher_batch=4, teacher_lr=1e-3, clf_steps=10, clf_lr=3e-3, distill_steps=4,
+             distill_batch=2, distill_lr=1e-3, guidance=3.0, n_eval=8, n_train=64, n_heldout=32, etas=(1.0,),
+             stage_steps=2, steps=(1, 4), **STAGES)
 # Which config keys each cached model depends on (a changed key retrains only what depends on it).
 TEACHER_KEYS = ("teacher_steps", "teacher_batch", "teacher_lr", "n_train")
 CLF_KEYS = ("clf_steps", "clf_lr", "n_train")
@@ -353,12 +353,12 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
     w = cfg["guidance"]
     ref = add("teacher (DDIM)", "teacher", teacher, 25, 0.0, w, False, None)
     rows[-1]["dist25"] = 0.0
-    for s in STEPS:
+    for s in cfg.get("steps", STEPS):
         add("teacher (DDIM)", "teacher", teacher, s, 0.0, w, False, ref)
     for name, model in models.items():
         etas = (1.0,) if name.startswith("CD") else cfg["etas"]
         for eta in etas:
-            for s in STEPS:
+            for s in cfg.get("steps", STEPS):
                 add(f"{name} + TCD" if not name.startswith("CD") else f"{name} + LCM", name, model, s, eta, 1.0, True, ref)
     with torch.no_grad():
         real_check = score(clf, shapes.make_images(labels, seed=99), labels, real_feats, None)
