@@ -44,6 +44,8 @@ def test_one_command_runs_every_stage_type(pipeline):
     assert [s["type"] for s in metrics["stages"]] == ["tscd", "adversarial", "feedback", "score_distill"]
     for s in metrics["stages"]:
         assert s["logged_steps"] == s["steps"] and s["loss_start"] == s["loss_start"]  # logged, no NaN
+    assert {"tscd_loss", "adv_g", "adv_d"} <= set(metrics["stages"][1]["logs_end"])
+    assert "reward" in metrics["stages"][2]["logs_start"] and "dmd_reg" in metrics["stages"][3]["logs_end"]
     log = [json.loads(line) for line in (pipeline / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert log[1]["adv_weight"] == 0.2 and "adv_d" in log[1]          # the adversarial term was on

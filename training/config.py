@@ -99,7 +99,7 @@ def _default_stages():
     adv = [StageConfig(type="adversarial", segments=k, steps=20) for k in (2, 1)]
     return tscd + adv + [StageConfig(type="feedback", segments=1, steps=20, params={"reward": "tiny", "alpha": 2.0}),
                          StageConfig(type="score_distill", segments=1, steps=20,
-                                     params={"guidance": 3.0, "gen_every": 1, "reg_weight": 1.0})]
+                                     params={"lr": 1e-4, "guidance": 3.0, "gen_every": 1, "reg_weight": 1.0})]
 
 
 @dataclass

@@ -182,7 +182,7 @@ def train(cfg, args):
                        adapters=stack, persistent=persistent, resources=resources)
     logger = RunLogger(out_dir, cfg.total_steps, step, enabled=accelerator.is_main_process,
                        tensorboard=cfg.output.tensorboard, show_bar=not args.quiet)
-    stage_losses, current, module = {}, None, None
+    stage_losses, stage_logs, current, module = {}, {}, None, None
     ga = cfg.optim.grad_accum
     student.train()
     while step < cfg.total_steps:
@@ -220,13 +220,14 @@ def train(cfg, args):
         if loss is not None:
             row["loss"] = loss_global = float(accelerator.reduce(loss.detach().float().reshape(1), "mean"))
             stage_losses.setdefault(idx, []).append(loss_global)
+        stage_logs.setdefault(idx, []).append(logs)
         logger.log(step, f"stage {idx + 1}/{len(cfg.stages)} {stage.type} k={stage.segments}", row)
         if step % cfg.output.checkpoint_every == 0 or step == cfg.total_steps:
             ckpt.save_checkpoint(accelerator, out_dir, step, cfg.output.keep_checkpoints, persistent)
     logger.close()
     train_time = time.time() - t_start
     if accelerator.is_main_process:
-        finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device, groups, init_rank)
+        finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_time, device, groups, init_rank)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
@@ -256,7 +257,7 @@ def adapters_for(group, groups, has_init):
     return active, [ADAPTER_OF[group]]
 
 
-def finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device, groups, init_rank):
+def finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_time, device, groups, init_rank):
     from .sampling import save_png_atomic, tcd_grid
 
     unet.eval()
@@ -271,18 +272,25 @@ def finish(cfg, base, unet, encode, out_dir, stage_losses, train_time, device, g
     metrics = {"lora": lora_path, "lora_keys": merge_report.pop("keys"), "steps": cfg.total_steps,
                "train_seconds": train_time, "sample_seconds": time.time() - t0, "family": base.family,
                "prediction_type": base.prediction_type, "merge": merge_report,
-               "stages": [stage_summary(s, stage_losses.get(i, [])) for i, s in enumerate(cfg.stages)]}
+               "stages": [stage_summary(s, stage_losses.get(i, []), stage_logs.get(i, []))
+                          for i, s in enumerate(cfg.stages)]}
     tmp = os.path.join(out_dir, ".tmp-metrics.json")
     with open(tmp, "w") as f:
         json.dump(metrics, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "metrics.json"))
 
 
-def stage_summary(stage, losses, n=3):
-    """Loss at the start vs the end of a stage (means of the first / last n steps: single steps are noisy)."""
+def stage_summary(stage, losses, logs=(), n=3):
+    """Loss at the start vs the end of a stage (means of the first / last n steps: single steps are noisy),
+    and the same for every logged component (tscd_loss, adv_g, reward, fake_loss, dmd_reg, ...)."""
     nan = float("nan")
     head, tail = losses[:n], losses[-n:]
-    return {"type": stage.type, "segments": stage.segments, "steps": stage.steps, "logged_steps": len(losses),
+    parts = {}
+    for row in logs:
+        for k, v in row.items():
+            parts.setdefault(k, []).append(float(v))
+    return {"logs_start": {k: sum(v[:n]) / len(v[:n]) for k, v in parts.items()},
+            "logs_end": {k: sum(v[-n:]) / len(v[-n:]) for k, v in parts.items()},"type": stage.type, "segments": stage.segments, "steps": stage.steps, "logged_steps": len(losses),
             "loss_start": sum(head) / len(head) if head else nan, "loss_end": sum(tail) / len(tail) if tail else nan,
             "first_loss": losses[0] if losses else nan, "last_loss": losses[-1] if losses else nan,
             "mean_loss": sum(losses) / len(losses) if losses else nan}
