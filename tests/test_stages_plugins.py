@@ -96,3 +96,25 @@ def test_stage_lowers_its_own_loss_on_a_fixed_batch(harness, stype, group, activ
         assert own[-1][k] < own[0][k], (k, own)
     if stype == "feedback":
         assert rewards[-1] > rewards[0]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_eps_model_gives_epsilon_for_both_prediction_types(prediction_type):
+    """feedback / score_distill run eps-based samplers; EpsModel converts a v-prediction UNet's output."""
+    from types import SimpleNamespace
+
+    from training.models import scheduler_abar
+    from training.stages import EpsModel
+
+    abar = scheduler_abar()
+    g = torch.Generator().manual_seed(0)
+    x0, eps, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([5, 500, 999])
+    a = abar[t].view(-1, 1, 1, 1).float()
+    x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    def unet(x_in, t_in, **kw):
+        return SimpleNamespace(sample=out)
+
+    got = EpsModel(unet, abar, prediction_type)(x, t).sample
+    assert (got - eps).abs().max().item() < 1e-4
