@@ -7,7 +7,9 @@ import torch
 from PIL import Image, ImageDraw
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (255, 187, 120),
+           (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (0, 0, 128), (128, 128, 0),
+           (0, 128, 128), (219, 219, 141)]
 
 
 def _series(rows):
@@ -19,10 +21,15 @@ def _series(rows):
     return out
 
 
-def _panel(draw, box, series, key, title, ymax=None):
+def _panel(draw, box, series, key, title, ymax=None, log=False):
+    import math
+
     x0, y0, x1, y1 = box
     draw.rectangle(box, outline=(0, 0, 0))
     draw.text((x0 + 4, y0 - 14), title, fill=(0, 0, 0))
+    if log:  # plot log10(1 + v); axis labels show v
+        tf = lambda v: math.log10(1 + max(v, 0))  # noqa: E731
+        series = {k: [dict(r, **{key: tf(r[key])}) for r in rs] for k, rs in series.items()}
     vals = [r[key] for rs in series.values() for r in rs]
     top = ymax if ymax is not None else max(vals) * 1.1 or 1.0
     steps = [1, 2, 4, 8]
@@ -31,7 +38,8 @@ def _panel(draw, box, series, key, title, ymax=None):
     for s in steps:
         draw.text((px(s) - 3, y1 + 2), str(s), fill=(0, 0, 0))
     for frac in (0, 0.5, 1):
-        draw.text((x0 - 28, py(top * frac) - 5), f"{top * frac:.2f}", fill=(0, 0, 0))
+        label = f"{10 ** (top * frac) - 1:.0f}" if log else f"{top * frac:.2f}"
+        draw.text((x0 - 40, py(top * frac) - 5), label, fill=(0, 0, 0))
     for i, rs in enumerate(series.values()):
         pts = [(px(r["steps"]), py(r[key])) for r in rs if r["steps"] in steps]
         col = PALETTE[i % len(PALETTE)]
@@ -47,7 +55,7 @@ def quality_chart(rows, path: Path):
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     _panel(d, (50, 30, 430, 300), series, "align", "text alignment (attribute accuracy) vs steps", ymax=1.0)
-    _panel(d, (500, 30, 880, 300), series, "fd", "Frechet distance (classifier features) vs steps")
+    _panel(d, (500, 30, 880, 300), series, "fd", "Frechet distance (classifier features, log scale) vs steps", log=True)
     teacher25 = [r for r in rows if r["steps"] == 25]
     y = 320
     if teacher25:

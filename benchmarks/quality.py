@@ -327,6 +327,12 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
             cache / f"dmd-{stage_key}.safetensors",
             lambda: later.train_dmd(tscd, teacher, make_unet, task, cfg, 22, log=log),
             lambda: later.stage_unet(make_unet, "dmd", cfg["stage_rank"])),
+        # The same stage at DMDStage's own defaults (lr 1e-4, generator every 5th step): a second
+        # point, not a tuned one.
+        "TSCD + DMD (module defaults)": cached_model(
+            cache / f"dmd_defaults-{stage_key}.safetensors",
+            lambda: later.train_dmd(tscd, teacher, make_unet, task, dict(cfg, dmd_lr=1e-4, dmd_gen_every=5), 22, log=log),
+            lambda: later.stage_unet(make_unet, "dmd", cfg["stage_rank"])),
     }
     models.update(later_models)
     t_train = time.time() - t_start
