@@ -10,8 +10,13 @@ Metrics per row, on the same prompts and initial noise:
 * ``fd``: Frechet distance between classifier features of generated and real images (FID analogue);
 * ``dist25``: RMS pixel distance to the teacher's 25-step output from the same noise.
 
-Heavy parts (teacher, classifier, students) are cached under ``--cache`` (default
-``~/.cache/hypersd-bench``) keyed by the config, so a rerun only evaluates.
+Rows: the teacher at 25 and 1/2/4/8 DDIM steps; single-segment CD (LCM-style) and TSCD 8-4-2-1 with
+the same budget; on top of TSCD, with one equal extra budget each: more k=1 steps (control), the
+feedback stage (ReFL, ``training.feedback``; reward = a second attribute classifier's log-probability
+of the caption) and score distillation (DMD, ``training.score_distill``), see ``benchmarks/stages.py``.
+
+Heavy parts (teacher, classifiers, students) are cached under ``--cache`` (default
+``~/.cache/hypersd-bench``) keyed by the config keys each depends on, so a rerun only evaluates.
 """
 from __future__ import annotations
 
