@@ -232,3 +232,25 @@ def test_bad_input_errors(call, match):
 def test_nan_model_output_is_reported():
     with pytest.raises(FloatingPointError, match="NaN/inf at step 0"):
         sample_tcd(lambda x, s: x * float("nan"), torch.ones(1, 4, 2, 2), tcd_sigmas(2), disable=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "both_infs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_single_non_finite_element_is_reported_at_its_step(bad, dtype):
+    """One bad element among large finite values, appearing only at step 1 (of 4)."""
+    calls = []
+
+    def model(x, sigma):
+        calls.append(1)
+        out = torch.full_like(x, 3e4 if dtype == torch.float16 else 1e5)  # big, finite: must not trip the check
+        if len(calls) == 2:
+            if bad == "both_infs":
+                out[0, 0, 0, 0], out[0, 1, 1, 1] = float("inf"), float("-inf")
+            else:
+                out[0, 2, 3, 1] = bad
+        return out
+
+    x = torch.randn(2, 4, 8, 8).to(dtype)
+    with pytest.raises(FloatingPointError, match="NaN/inf at step 1"):
+        sample_tcd(model, x, tcd_sigmas(4).to(dtype), disable=True)
+    assert len(calls) == 2
