@@ -118,3 +118,47 @@ def test_eps_model_gives_epsilon_for_both_prediction_types(prediction_type):
 
     got = EpsModel(unet, abar, prediction_type)(x, t).sample
     assert (got - eps).abs().max().item() < 1e-4
+
+
+def test_full_unet_score_distill_lowers_its_own_loss_and_leaves_the_teacher_alone(harness):
+    """score_distill mode full: the student is a separate UNet copy (base + the active LoRAs folded in) with
+    its own AdamW over every UNet parameter, at t = 800; the shared base (teacher) is not touched."""
+    from training.config import StageConfig
+    from training.score_distill import generator_timestep, PARAMS as DMD_PARAMS
+    from training.stages import load_stage_module
+
+    ctx, stages, params, batch = harness
+    module = load_stage_module("score_distill")
+    stage = StageConfig(type="score_distill", segments=1, steps=6,
+                        params={**PARAMS["score_distill"], "mode": "full", "lr": 1e-4})
+    assert generator_timestep({**DMD_PARAMS, **stage.params}) == 800
+    ctx.adapters.use(["default", "feedback"], [])
+    ctx.state, ctx.step, ctx.stage_start, ctx.stage_index = {}, 0, 0, 0
+    ctx.persistent.pop("full_unet", None), ctx.persistent.pop("full_opt", None)
+    for p in ctx.unet.parameters():
+        p.grad = None
+    base_before = {k: v.clone() for k, v in ctx.unet.state_dict().items()}
+    module.setup(ctx, stage)
+    full, opt = ctx.persistent["full_unet"], ctx.persistent["full_opt"]
+    assert ctx.student is full and not any(".lora_" in n for n, _ in full.named_parameters())
+    n_full = sum(p.numel() for p in full.parameters())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_full
+    x, t = batch["noise"], torch.tensor([800, 800])
+    with torch.no_grad():  # the copy starts as base + default + feedback LoRAs (folded exactly)
+        err = (full(x, t, **batch["cond"]).sample - ctx.unet(x, t, **batch["cond"]).sample).abs().max().item()
+    assert err < 1e-5, err
+    own = []
+    for step in range(stage.steps):
+        ctx.step = step
+        loss, logs = module.stage_loss(ctx, batch, stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        assert all(p.grad is None for n, p in ctx.unet.named_parameters() if "lora_" not in n)
+        opt.step()
+        own.append(logs)
+    print("full UNet: " + ", ".join(f"{k} {own[0][k]:.4g} -> {own[-1][k]:.4g}" for k in ("fake_loss", "dmd_reg")))
+    assert own[-1]["dmd_reg"] < own[0]["dmd_reg"] and own[-1]["fake_loss"] < own[0]["fake_loss"], own
+    after = ctx.unet.state_dict()
+    changed = [k for k in base_before if "lora_" not in k and not torch.equal(base_before[k], after[k])]
+    assert not changed, f"the teacher's base weights changed: {changed[:3]}"
+    ctx.persistent.pop("full_unet"), ctx.persistent.pop("full_opt")

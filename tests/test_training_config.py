@@ -80,8 +80,8 @@ FB = {"type": "feedback", "segments": 1, "steps": 1}
      r"stages\[0\]\.params\.adv_weight", "did you mean 'adv_weights'"),
     ([{"type": "adversarial", "segments": 6, "steps": 1}], r"stages\[0\]\.params\.adv_weights", "6 segments"),
     ([{"segments": 8, "steps": 1, "params": {"reward": "tiny"}}], r"stages\[0\]\.params\.reward", "valid keys"),
-    ([{"segments": 8, "steps": 1}, {"type": "score_distill", "segments": 1, "steps": 1, "params": {"mode": "full"}}],
-     r"stages\[1\]\.params\.mode", "DMDStage"),
+    ([{"segments": 8, "steps": 1}, {"type": "score_distill", "segments": 1, "steps": 1, "params": {"mode": "whole"}}],
+     r"stages\[1\]\.params\.mode", "'full': the whole 1-step UNet"),
 ])
 def test_bad_stage_plans_name_the_key(stages, key, extra):
     with pytest.raises(ConfigError, match=key) as e:

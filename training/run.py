@@ -107,6 +107,7 @@ def train(cfg, args):
     from .merge import load_kohya
     from .models import encode_prompts, load_base
     from .stages import ADAPTER_OF, GROUP_OF, StageContext, load_stage_module
+    from .score_distill import is_full
     from .tscd import DDIMGrid
 
     t_start = time.time()
@@ -140,6 +141,17 @@ def train(cfg, args):
         base.unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
     groups = plan_groups(cfg.stages)
+    full_stage = next((s for s in cfg.stages if is_full(s)), None)
+    if full_stage is not None:
+        fi = cfg.stages.index(full_stage)
+        if groups == ["score_distill"]:
+            raise ConfigError(f"config key 'stages[{fi}].params.mode': 'full' needs an earlier tscd / adversarial / "
+                              "feedback stage in the same run (the loop's LoRA optimizer would be empty)")
+        if cfg.optim.mixed_precision == "fp16":
+            raise ConfigError(f"config key 'stages[{fi}].params.mode': 'full' trains its own optimizer outside the "
+                              "fp16 grad scaler; use optim.mixed_precision no or bf16")
+    # LoRA groups: every group but a full-UNet score distillation (its student is a separate UNet copy)
+    groups = [g for g in groups if not (g == "score_distill" and full_stage is not None)]
     adapter_params = {}
     if "tscd" in groups:  # first, so a TSCD-only run initialises exactly as before
         adapter_params["tscd"] = add_lora(base.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
@@ -179,7 +191,7 @@ def train(cfg, args):
 
     ctx = StageContext(accelerator, student, unet, base.vae, base.abar, DDIMGrid(base.abar, cfg.tscd.num_ddim_timesteps),
                        base.prediction_type, cfg, encode, teacher=stack.disabled, target=ema.swapped,
-                       adapters=stack, persistent=persistent, resources=resources)
+                       adapters=stack, persistent=persistent, resources=resources, resume_dir=resume)
     logger = RunLogger(out_dir, cfg.total_steps, step, enabled=accelerator.is_main_process,
                        tensorboard=cfg.output.tensorboard, show_bar=not args.quiet)
     stage_losses, stage_logs, current, module = {}, {}, None, None
@@ -195,8 +207,13 @@ def train(cfg, args):
             # DDP registered only the first group's adapter: later groups call the plain module and
             # average their gradients by hand (below), so DDP never waits for frozen parameters
             ctx.student = student if group == groups[0] else unet
+            ctx.step = step
             if hasattr(module, "setup"):
-                module.setup(ctx, stage)
+                module.setup(ctx, stage)  # mode full: ctx.student = its own UNet copy
+            # what the loop steps: the group's LoRA (shared optimizer) or a stage's own model + optimizer
+            own_opt = ctx.persistent.get("full_opt") if group not in groups else None
+            train_params = ([q for g in own_opt.param_groups for q in g["params"]] if own_opt is not None
+                            else adapter_params[group])
         ctx.step = step
         logs = {}
         for micro in range(ga):
@@ -207,11 +224,15 @@ def train(cfg, args):
                 if loss is not None:  # None: this step only trained the stage's own helper (e.g. fake score)
                     accelerator.backward(loss * stage.weight / ga)
         if n_proc > 1 and group != groups[0]:
-            # DDP registered only the first group's LoRA as trainable: average later groups by hand
-            _all_reduce_grads(accelerator, adapter_params[group])
+            # DDP registered only the first group's LoRA as trainable: average later groups (and the
+            # full-UNet copy) by hand
+            _all_reduce_grads(accelerator, train_params)
         if cfg.optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            accelerator.clip_grad_norm_(params if own_opt is None else train_params, cfg.optim.max_grad_norm)
         opt.step()
+        if own_opt is not None:
+            own_opt.step()
+            own_opt.zero_grad(set_to_none=True)
         lr_sched.step()
         opt.zero_grad(set_to_none=True)
         ema.update()
@@ -226,8 +247,17 @@ def train(cfg, args):
             ckpt.save_checkpoint(accelerator, out_dir, step, cfg.output.keep_checkpoints, persistent)
     logger.close()
     train_time = time.time() - t_start
+    full_unet = None
+    if full_stage is not None:
+        from .score_distill import ensure_full_unet
+
+        # resumed from the last checkpoint: the loop did not run, restore the copy from it
+        ctx.stage_index = cfg.stages.index(full_stage)
+        ctx.stage_start, ctx.step = sum(s.steps for s in cfg.stages[:ctx.stage_index]), step
+        full_unet = ensure_full_unet(ctx, full_stage)
     if accelerator.is_main_process:
-        finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_time, device, groups, init_rank)
+        finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_time, device, groups, init_rank,
+               full_unet, full_stage)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
@@ -250,28 +280,44 @@ def group_lr(cfg, group):
 
 
 def adapters_for(group, groups, has_init):
-    """(active, trainable) adapters while `group` trains: the earlier groups (and init_lora) stay on, frozen."""
+    """(active, trainable) adapters while `group` trains: the earlier groups (and init_lora) stay on, frozen.
+    A group without an adapter (score_distill mode full) gets every LoRA group active and none trainable."""
     from .stages import ADAPTER_OF
 
-    active = (["init"] if has_init else []) + [ADAPTER_OF[g] for g in groups[: groups.index(group) + 1]]
-    return active, [ADAPTER_OF[group]]
+    upto = groups[: groups.index(group) + 1] if group in groups else groups
+    active = (["init"] if has_init else []) + [ADAPTER_OF[g] for g in upto]
+    return active, [ADAPTER_OF[group]] if group in groups else []
 
 
-def finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_time, device, groups, init_rank):
+def finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_time, device, groups, init_rank,
+           full_unet=None, full_stage=None):
     from .sampling import save_png_atomic, tcd_grid
 
     unet.eval()
     lora_path = os.path.join(out_dir, cfg.output.name + ".safetensors")
     meta = lora_metadata_for(cfg, base)
     merge_report = export_stages_and_merge(cfg, unet, out_dir, lora_path, meta, groups, init_rank)
+    one_step, full_report = None, None
+    if full_unet is not None:
+        from .score_distill import PARAMS, export_full_unet, full_unet_metadata, generator_timestep
+        from .stages import stage_params
+
+        full_unet.eval()
+        t_gen = generator_timestep(stage_params(full_stage, PARAMS))
+        folder = os.path.join(out_dir, cfg.output.name + "_1step_unet")
+        path = export_full_unet(full_unet, folder, full_unet_metadata(base.family, base.prediction_type, t_gen,
+                                                                      cfg.model.base))
+        full_report = {"folder": folder, "file": path, "timestep": t_gen,
+                       "parameters": sum(p.numel() for p in full_unet.parameters())}
+        one_step = (full_unet, t_gen)
     res = cfg.data.resolution // (2 ** (len(base.vae.config.block_out_channels) - 1))
     t0 = time.time()
     grid = tcd_grid(unet, base.vae, base, lambda p: encode(p), cfg.output.sample_prompts, cfg.output.sample_steps,
-                    cfg.output.sample_eta, (unet.config.in_channels, res, res), cfg.seed, device)
+                    cfg.output.sample_eta, (unet.config.in_channels, res, res), cfg.seed, device, one_step=one_step)
     save_png_atomic(grid, os.path.join(out_dir, "samples.png"))
     metrics = {"lora": lora_path, "lora_keys": merge_report.pop("keys"), "steps": cfg.total_steps,
                "train_seconds": train_time, "sample_seconds": time.time() - t0, "family": base.family,
-               "prediction_type": base.prediction_type, "merge": merge_report,
+               "prediction_type": base.prediction_type, "merge": merge_report, "full_unet": full_report,
                "stages": [stage_summary(s, stage_losses.get(i, []), stage_logs.get(i, []))
                           for i, s in enumerate(cfg.stages)]}
     tmp = os.path.join(out_dir, ".tmp-metrics.json")

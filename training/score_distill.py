@@ -141,20 +141,31 @@ def save_full_unet(unet, path: str, dtype=torch.float16):
     save_file_atomic(sd, path, {"format": "pt", "hypersd_stage": "dmd-full", "timestep": "800"})
 
 
-# --- training.run plug-in: DMD on the student's own "dmd" LoRA at t = 999 (see docs/stages.md) ----
+# --- training.run plug-in (see docs/stages.md) ------------------------------------------------------
+# mode "lora": DMD on the student's own "dmd" LoRA at t = 999 (merged into the unified LoRA);
+# mode "full": a separate trainable copy of the UNet (base + the earlier stages' LoRAs folded in) at
+# t = 800, exported as a diffusers-layout UNet (`export_full_unet`).
 
-PARAMS = {"lr": 0.0, "mode": "lora", "timestep": 999, "guidance": 7.5, "gen_every": 1, "reg_weight": 0.25,
+PARAMS = {"lr": 0.0, "mode": "lora", "timestep": 0, "guidance": 7.5, "gen_every": 1, "reg_weight": 0.25,
           "reg_steps": 4, "fake_lr": 1e-3, "fake_rank": 0, "t_min": 20, "t_max": 980}
 
 
+def generator_timestep(p: dict) -> int:
+    """params.timestep, or the mode's default (999 for the LoRA, 800 for the full 1-step UNet)."""
+    return int(p["timestep"]) or MODES[p["mode"]]
+
+
+def is_full(stage) -> bool:
+    return stage.type == "score_distill" and (stage.params or {}).get("mode", "lora") == "full"
+
+
 def check_params(p: dict, stage, key: str):
-    if p["mode"] != "lora":
-        raise ValueError(f"config key '{key}.mode': training.run trains the unified LoRA (mode 'lora', "
-                         f"t = 999); the full 1-step UNet (mode 'full', t = 800) is trained with "
-                         f"training.score_distill.DMDStage + save_full_unet (got {p['mode']!r})")
-    if not 0 < int(p["timestep"]) < 1000 or not 0 <= int(p["t_min"]) < int(p["t_max"]) < 1000:
+    if p["mode"] not in MODES:
+        raise ValueError(f"config key '{key}.mode': must be one of {sorted(MODES)} ('lora': the unified LoRA at "
+                         f"t = 999; 'full': the whole 1-step UNet at t = 800), got {p['mode']!r}")
+    if not 0 <= int(p["timestep"]) < 1000 or not 0 <= int(p["t_min"]) < int(p["t_max"]) < 1000:
         raise ValueError(f"config key '{key}.timestep' / '{key}.t_min' / '{key}.t_max': need 0 < timestep < 1000 "
-                         f"and 0 <= t_min < t_max < 1000")
+                         f"(0 = the mode's default) and 0 <= t_min < t_max < 1000")
     if int(p["gen_every"]) < 1 or int(p["reg_steps"]) < 1 or float(p["guidance"]) < 1:
         raise ValueError(f"config key '{key}': need gen_every >= 1, reg_steps >= 1, guidance >= 1")
 
@@ -175,12 +186,96 @@ def _randn(ctx, like, salt):
     return torch.randn(like.shape, generator=g).to(like.device, like.dtype)
 
 
+FULL_KEYS = ("full_unet", "full_opt")
+
+
+def folded_unet_copy(unet, adapters):
+    """A plain diffusers UNet (no peft layers) = base weights of `unet` + the named adapters folded in."""
+    from diffusers import UNet2DConditionModel
+
+    from training.merge import fold_kohya_into, peft_to_kohya
+
+    full = UNet2DConditionModel.from_config(unet.config)
+    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    full.load_state_dict(state)  # strict: every weight of the base is there
+    full.to(next(unet.parameters()).device)  # fp32 master weights (AdamW), whatever the base dtype
+    for name in adapters:
+        fold_kohya_into(full, peft_to_kohya(unet, name), source=f"adapter {name!r}")
+    return full
+
+
+def ensure_full_unet(ctx, stage):
+    """mode full: the student is ctx.persistent["full_unet"] with its own AdamW ("full_opt"), built when the
+    stage starts (base + the active earlier adapters folded in) or restored from the resume checkpoint."""
+    from training import checkpoint as ckpt
+    from training.stages import stage_params
+
+    if "full_unet" in ctx.persistent:
+        return ctx.persistent["full_unet"]
+    p = stage_params(stage, PARAMS)
+    full = folded_unet_copy(ctx.unet, [a for a in ctx.adapters.active if a != "fake"])
+    full.requires_grad_(True).train()
+    if ctx.cfg.optim.gradient_checkpointing:
+        full.enable_gradient_checkpointing()
+    o = ctx.cfg.optim
+    opt = torch.optim.AdamW(full.parameters(), lr=float(p["lr"]) or o.lr, betas=tuple(o.betas),
+                            weight_decay=o.weight_decay)
+    if ctx.step > ctx.stage_start:  # resumed inside the stage: the checkpoint holds the trained copy
+        if not ctx.resume_dir:
+            raise RuntimeError("score_distill mode full: the stage is under way but there is no resume checkpoint")
+        ckpt.load_extra(ctx.resume_dir, {"full_unet": full, "full_opt": opt})
+    ctx.persistent.update(full_unet=full, full_opt=opt)  # saved in every later checkpoint (stage_state)
+    return full
+
+
+def setup(ctx, stage):
+    if is_full(stage):
+        ctx.student = ensure_full_unet(ctx, stage)
+
+
+def full_unet_metadata(family, prediction_type, timestep, base=""):
+    return {"format": "pt", "hypersd.kind": "1step_unet", "hypersd.base_family": family,
+            "hypersd.prediction_type": prediction_type, "hypersd.timestep": str(timestep),
+            "hypersd.recommended_scheduler": "HyperSDOneStepScheduler",
+            "hypersd.recommended_sampler": "HyperSDOneStepSampler", "hypersd.recommended_steps": "1",
+            "hypersd.recommended_cfg": "1.0", "hypersd.base": base}
+
+
+def export_full_unet(unet, folder: str, metadata: dict, dtype=None):
+    """<folder>/config.json + <folder>/diffusion_pytorch_model.safetensors (diffusers layout: loads with
+    UNet2DConditionModel.from_pretrained(folder); the .safetensors alone loads in ComfyUI's UNETLoader for
+    real SD1.5 / SDXL shapes). Written into a temp folder that is renamed into place (atomic)."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        sd = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in unet.state_dict().items()}
+        save_file(sd, os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
+                  metadata={k: str(v) for k, v in metadata.items()})
+        unet.save_config(tmp)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return os.path.join(folder, "diffusion_pytorch_model.safetensors")
+
+
 def stage_loss(ctx, batch, stage):
     from training.adversarial import _all_reduce_grads
     from training.stages import EpsModel, stage_params
 
     p = stage_params(stage, PARAMS)
     pt, abar, guidance = ctx.prediction_type, ctx.abar, float(p["guidance"])
+    t_gen = generator_timestep(p)
     noise, cond, uncond = batch["noise"], batch["cond"], batch["uncond"]
     gen_step = (ctx.step - ctx.stage_start) % int(p["gen_every"]) == 0
 
@@ -188,7 +283,7 @@ def stage_loss(ctx, batch, stage):
         return (int(p["t_min"]) + batch["u"][:, col] * (int(p["t_max"]) - int(p["t_min"]))).long()
 
     with torch.set_grad_enabled(gen_step):
-        x0 = student_x0(EpsModel(ctx.student, abar, pt), noise, cond, int(p["timestep"]), abar)
+        x0 = student_x0(EpsModel(ctx.student, abar, pt), noise, cond, t_gen, abar)
     # fake score: plain denoising on the student's (detached) outputs, every step
     fake_opt = ctx.persistent["fake_opt"]
     with ctx.adapters.only(["fake"], ["fake"]):
@@ -206,8 +301,7 @@ def stage_loss(ctx, batch, stage):
     dm, _ = dm_loss(x0, teacher, fake, cond, uncond, guidance, rand_t(5), _randn(ctx, x0, 13), abar)
     reg = x0.new_zeros(())
     if float(p["reg_weight"]) > 0:
-        ref = teacher_multistep_x0(teacher, noise, cond, uncond, guidance, abar, int(p["reg_steps"]),
-                                   int(p["timestep"]))
+        ref = teacher_multistep_x0(teacher, noise, cond, uncond, guidance, abar, int(p["reg_steps"]), t_gen)
         reg = F.mse_loss(x0.float(), ref.float())
     loss = dm + float(p["reg_weight"]) * reg
     return loss, {**logs, "dmd_loss": float(dm.detach()), "dmd_reg": float(reg.detach())}

@@ -83,6 +83,7 @@ class StageContext:
     stage_start: int = 0         # global step at which the current stage began
     resources: dict = field(default_factory=dict)  # {stage index: object from module.preflight} (rewards)
     stage_index: int = 0         # index of the current stage in cfg.stages (for error messages)
+    resume_dir: str = None       # the checkpoint this run resumed from (a stage restores its own state)
 
     @property
     def device(self):
