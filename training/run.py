@@ -107,10 +107,10 @@ def train(cfg, args):
     from .merge import load_kohya
     from .models import encode_prompts, load_base
     from .stages import ADAPTER_OF, GROUP_OF, StageContext, load_stage_module
-    from .score_distill import is_full
     from .tscd import DDIMGrid
 
     t_start = time.time()
+    full_stage = check_full_unet_plan(cfg)
     accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision)
     out_dir = cfg.output.dir
     n_proc = accelerator.num_processes
@@ -141,15 +141,6 @@ def train(cfg, args):
         base.unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
     groups = plan_groups(cfg.stages)
-    full_stage = next((s for s in cfg.stages if is_full(s)), None)
-    if full_stage is not None:
-        fi = cfg.stages.index(full_stage)
-        if groups == ["score_distill"]:
-            raise ConfigError(f"config key 'stages[{fi}].params.mode': 'full' needs an earlier tscd / adversarial / "
-                              "feedback stage in the same run (the loop's LoRA optimizer would be empty)")
-        if cfg.optim.mixed_precision == "fp16":
-            raise ConfigError(f"config key 'stages[{fi}].params.mode': 'full' trains its own optimizer outside the "
-                              "fp16 grad scaler; use optim.mixed_precision no or bf16")
     # LoRA groups: every group but a full-UNet score distillation (its student is a separate UNet copy)
     groups = [g for g in groups if not (g == "score_distill" and full_stage is not None)]
     adapter_params = {}
@@ -261,6 +252,23 @@ def train(cfg, args):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
+
+
+def check_full_unet_plan(cfg):
+    """The score_distill stage with params.mode full (or None); plan limits of that mode as config errors."""
+    from .score_distill import is_full
+
+    full_stage = next((s for s in cfg.stages if is_full(s)), None)
+    if full_stage is not None:
+        fi = cfg.stages.index(full_stage)
+        if plan_groups(cfg.stages) == ["score_distill"]:
+            raise ConfigError(f"config key 'stages[{fi}].params.mode': 'full' needs an earlier tscd / adversarial / "
+                              "feedback stage in the same run (the loop's LoRA optimizer would be empty); "
+                              "use mode 'lora' for score distillation alone on model.init_lora")
+        if cfg.optim.mixed_precision == "fp16":
+            raise ConfigError(f"config key 'stages[{fi}].params.mode': 'full' steps its own optimizer outside "
+                              "accelerate's fp16 grad scaler; set optim.mixed_precision to no or bf16")
+    return full_stage
 
 
 def plan_groups(stages):
