@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.test_stages_run import PLAN, run
+from tests.test_stages_run import PLAN, assert_two_process_parity, run
 
 FULL_PLAN = copy.deepcopy(PLAN)
 FULL_PLAN[3]["params"].update(mode="full", lr=1e-4)
@@ -118,6 +118,15 @@ def test_resume_inside_the_full_stage_equals_uninterrupted(full_run, tmp_path, r
     diff = max((a[k] - b[k]).abs().max().item() for k in b)
     print(f"full UNet, resume from step {resume_step}: max abs diff {diff:.2e}")
     assert diff < 1e-6
+
+
+def test_two_processes_match_one_with_the_full_unet_stage(full_run, tmp_path):
+    """The full-UNet copy is not DDP-wrapped: its gradients are averaged by hand (all-reduce)."""
+    out = tmp_path / "ddp"
+    run(out, plan=FULL_PLAN, processes=2)
+    stats = assert_two_process_parity(full_run, out, ["stages/1_tscd.safetensors", "stages/2_feedback.safetensors",
+                                                      f"{UNET}/diffusion_pytorch_model.safetensors"])
+    assert stats[f"{UNET}/diffusion_pytorch_model.safetensors"][0] < 1e-4  # lr 1e-4 for the full UNet
 
 
 def test_full_mode_plan_limits_are_config_errors(tmp_path):

@@ -140,9 +140,11 @@ def build_persistent(unet, stages, cfg) -> dict:
 
 
 def _extra_noise(ctx, like):
-    """Fresh noise for the discriminator's re-noising, a function of (seed, step) (resume-exact)."""
-    g = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + ctx.step * 7 + 3)
-    return torch.randn(like.shape, generator=g).to(like.device, like.dtype)
+    """Fresh noise for the discriminator's re-noising: this process's slice of a global draw from
+    (seed, step) (resume-exact, the same for any process count)."""
+    from training.stages import global_randn
+
+    return global_randn(ctx, like, 3)
 
 
 def stage_loss(ctx, batch, stage):

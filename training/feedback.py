@@ -158,7 +158,7 @@ def stage_loss(ctx, batch, stage):
     steps = int(p["steps"])
     first = min(steps - 1, int(steps * (1 - float(p["late_fraction"]))))
     # the late step comes from the batch's uniforms: the same for any process count and on resume
-    stop = first + min(steps - first - 1, int(float(batch["u"][0, 4]) * (steps - first)))
+    stop = first + min(steps - first - 1, int(float(batch.get("step_u", batch["u"][0])[4]) * (steps - first)))
     student = EpsModel(ctx.student, ctx.abar, ctx.prediction_type)
     loss, r = refl_loss(student, ctx.vae, ctx.state["reward"], batch["captions"], batch["cond"],
                         batch["noise"], ctx.abar, stop, steps, float(p["alpha"]), return_reward=True)

@@ -86,12 +86,14 @@ def micro_batch(ds, sampler, m, cfg, accelerator, base, encode, device, dtype):
         latents = base.vae.encode(px).latent_dist.mean * base.vae.config.scaling_factor
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + m + 17)
     noise = torch.randn((len(global_idx), *latents.shape[1:]), generator=g)[r * b:(r + 1) * b]
-    u = torch.rand((len(global_idx), 8), generator=g, dtype=torch.float64)[r * b:(r + 1) * b]
+    u_all = torch.rand((len(global_idx), 8), generator=g, dtype=torch.float64)
+    u = u_all[r * b:(r + 1) * b]
     captions = [c if float(uu[2]) >= cfg.data.caption_dropout else "" for c, uu in zip(batch["caption"], u)]
     hw = batch.get("original_size"), batch.get("crop_top_left"), batch.get("target_size")
     cond = encode(captions, *hw)
     uncond = encode([""] * len(captions), *hw)
     return {"latents": latents.to(dtype), "noise": noise.to(device, dtype), "u": u.to(device),
+            "step_u": u_all[0].to(device),  # per-step choices shared by the global batch (e.g. the ReFL stop step)
             "cond": cond, "uncond": uncond, "captions": captions}
 
 

@@ -182,8 +182,9 @@ def build_persistent(unet, stages, cfg) -> dict:
 
 
 def _randn(ctx, like, salt):
-    g = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + ctx.step * 7 + salt)
-    return torch.randn(like.shape, generator=g).to(like.device, like.dtype)
+    from training.stages import global_randn
+
+    return global_randn(ctx, like, salt)
 
 
 FULL_KEYS = ("full_unet", "full_opt")

@@ -51,6 +51,18 @@ class EpsModel:
         return SimpleNamespace(sample=out)
 
 
+def global_randn(ctx, like, salt: int):
+    """Noise shaped like `like` (this process's slice of the batch), cut from ONE draw for the global
+    batch seeded by (seed, step, salt): the same numbers per sample for any process count, and resume-exact."""
+    import torch
+
+    acc = ctx.accelerator
+    n, r, b = acc.num_processes, acc.process_index, like.shape[0]
+    g = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + ctx.step * 7 + salt)
+    full = torch.randn((b * n, *like.shape[1:]), generator=g)
+    return full[r * b:(r + 1) * b].to(like.device, like.dtype)
+
+
 def known_stage_types() -> list[str]:
     return sorted(STAGE_MODULES)
 
