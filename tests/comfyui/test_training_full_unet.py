@@ -45,6 +45,11 @@ for name, shapes in json.load(open(args["shapes"])).items():
     mapping = comfy.utils.unet_to_diffusers(cfg.unet_config) if cfg else {}
     report[name] = {"detected": type(cfg).__name__ if cfg else None,
                     "unmapped": [k for k in sd if k not in mapping][:5], "n_keys": len(sd)}
+try:  # the tiny diffusers file itself: ComfyUI matches diffusers UNet configs exactly (recorded, not asserted)
+    comfy.sd.load_diffusion_model(args["exported"])
+    report["tiny_diffusers_file_direct"] = "loaded"
+except RuntimeError as e:
+    report["tiny_diffusers_file_direct"] = str(e).splitlines()[0][:80]
 ref = comfy.utils.load_torch_file(args["tiny_ldm_unet"])
 mapping = comfy.utils.unet_to_diffusers(md.model_config_from_unet(ref, "").unet_config)
 ours = comfy.utils.load_torch_file(args["exported"])
