@@ -34,6 +34,7 @@ class DataConfig:
     resolution: int = 32
     num_generated: int = 64
     caption_dropout: float = 0.0
+    cache_dir: str = ""           # "" = off; else precomputed VAE latents + text embeddings (docs/data.md)
     extra: dict = field(default_factory=dict)  # passed through to training.data.build_dataset
 
 
@@ -256,6 +257,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _DataConfig.from_dict(dataclasses.asdict(cfg.data))
     except DataError as e:
         raise ConfigError(str(e)) from e
+    from .train_cache import check_cache_config
+    check_cache_config(cfg.data)
     if t.num_ddim_timesteps > 1000:
         raise ConfigError("config key 'tscd.num_ddim_timesteps': must be <= 1000")
     if cfg.output.checkpoint_every < 1:

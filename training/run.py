@@ -70,28 +70,38 @@ def stage_at(stages, step):
     return len(stages) - 1, stages[-1]
 
 
-def micro_batch(ds, sampler, m, cfg, accelerator, base, encode, device, dtype):
-    """Global micro-batch m: this process's slice plus randoms drawn for the whole global batch."""
+def micro_batch(ds, sampler, m, cfg, accelerator, base, encode, device, dtype, cached_text=None):
+    """Global micro-batch m: this process's slice plus randoms drawn for the whole global batch.
+    With data.cache_dir the batch carries `latents` (no VAE encode) and text embeddings (`cached_text`)."""
     from .data import collate
 
     per_epoch = len(sampler)
     epoch, pos = divmod(m, per_epoch)
-    ds.set_epoch(epoch)
+    if hasattr(ds, "set_epoch"):  # a CachedDataset has nothing to re-augment
+        ds.set_epoch(epoch)
     global_idx = sampler.global_batches(epoch)[pos]
     n, r = accelerator.num_processes, accelerator.process_index
     b = len(global_idx) // n
     batch = collate([ds[i] for i in global_idx[r * b:(r + 1) * b]])
-    with torch.no_grad():
-        px = batch["pixel_values"].to(device, torch.float32)
-        latents = base.vae.encode(px).latent_dist.mean * base.vae.config.scaling_factor
+    if "latents" in batch:
+        # the VAE's memory layout (e.g. channels-last): the UNet's float results depend on it
+        latents = batch["latents"].to(device, torch.float32).contiguous(memory_format=cached_text.latent_format)
+    else:
+        with torch.no_grad():
+            px = batch["pixel_values"].to(device, torch.float32)
+            latents = base.vae.encode(px).latent_dist.mean * base.vae.config.scaling_factor
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + m + 17)
     noise = torch.randn((len(global_idx), *latents.shape[1:]), generator=g)[r * b:(r + 1) * b]
     u_all = torch.rand((len(global_idx), 8), generator=g, dtype=torch.float64)
     u = u_all[r * b:(r + 1) * b]
     captions = [c if float(uu[2]) >= cfg.data.caption_dropout else "" for c, uu in zip(batch["caption"], u)]
     hw = batch.get("original_size"), batch.get("crop_top_left"), batch.get("target_size")
-    cond = encode(captions, *hw)
-    uncond = encode([""] * len(captions), *hw)
+    if cached_text is not None and "prompt_embeds" in batch:
+        keep = [float(uu[2]) >= cfg.data.caption_dropout for uu in u]  # dropped -> encode("") (as above)
+        cond, uncond = cached_text.cond_uncond(batch, keep, hw)
+    else:
+        cond = encode(captions, *hw)
+        uncond = encode([""] * len(captions), *hw)
     return {"latents": latents.to(dtype), "noise": noise.to(device, dtype), "u": u.to(device),
             "step_u": u_all[0].to(device),  # per-step choices shared by the global batch (e.g. the ReFL stop step)
             "cond": cond, "uncond": uncond, "captions": captions}
@@ -178,6 +188,19 @@ def train(cfg, args):
         step = ckpt.load_checkpoint(accelerator, resume)
         ckpt.load_extra(resume, persistent)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.optim.mixed_precision, torch.float32)
+    cache_stats, cached_text = None, None
+    if cfg.data.cache_dir:
+        from .train_cache import CachedText, build_run_cache
+
+        t0 = time.time()
+        ds_pixels = ds
+        ds, cache_stats = build_run_cache(cfg, ds, base, device, accelerator)
+        cache_stats["seconds"] = round(time.time() - t0, 3)
+        cached_text = CachedText(base, device, ds_pixels)
+        if accelerator.is_main_process:
+            print(f"data cache {cache_stats['dir']}: {cache_stats['reused']} reused, {cache_stats['encoded']} "
+                  f"encoded (latents + {cache_stats['text']}) in {cache_stats['seconds']} s", file=sys.stderr,
+                  flush=True)
 
     def encode(prompts, size_hw=None, crop_tl=None, target_hw=None):
         return encode_prompts(base, prompts, device, size_hw, crop_tl, target_hw)
@@ -210,7 +233,8 @@ def train(cfg, args):
         ctx.step = step
         logs = {}
         for micro in range(ga):
-            batch = micro_batch(ds, sampler, step * ga + micro, cfg, accelerator, base, encode, device, dtype)
+            batch = micro_batch(ds, sampler, step * ga + micro, cfg, accelerator, base, encode, device, dtype,
+                                cached_text)
             sync = accelerator.no_sync(student) if micro < ga - 1 else _null()
             with sync, accelerator.autocast():
                 loss, logs = module.stage_loss(ctx, batch, stage)
@@ -250,7 +274,7 @@ def train(cfg, args):
         full_unet = ensure_full_unet(ctx, full_stage)
     if accelerator.is_main_process:
         finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_time, device, groups, init_rank,
-               full_unet, full_stage)
+               full_unet, full_stage, cache_stats)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
@@ -300,7 +324,7 @@ def adapters_for(group, groups, has_init):
 
 
 def finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_time, device, groups, init_rank,
-           full_unet=None, full_stage=None):
+           full_unet=None, full_stage=None, cache_stats=None):
     from .sampling import save_png_atomic, tcd_grid
 
     unet.eval()
@@ -328,6 +352,7 @@ def finish(cfg, base, unet, encode, out_dir, stage_losses, stage_logs, train_tim
     metrics = {"lora": lora_path, "lora_keys": merge_report.pop("keys"), "steps": cfg.total_steps,
                "train_seconds": train_time, "sample_seconds": time.time() - t0, "family": base.family,
                "prediction_type": base.prediction_type, "merge": merge_report, "full_unet": full_report,
+               "data_cache": cache_stats,
                "stages": [stage_summary(s, stage_losses.get(i, []), stage_logs.get(i, []))
                           for i, s in enumerate(cfg.stages)]}
     tmp = os.path.join(out_dir, ".tmp-metrics.json")

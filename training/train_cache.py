@@ -1,0 +1,111 @@
+"""`data.cache_dir`: the trainer's precomputed VAE latents + text embeddings (training/data_cache.py).
+
+Built on the main process before step 0 (the others wait, then only read), with the run's own VAE
+(latents = latent_dist.mean * scaling_factor, as `run.micro_batch` encodes them) and text encoder(s)
+(`models.text_embeddings`: prompt_embeds, and pooled_prompt_embeds for SDXL). Entries are keyed by
+`encoder_id`, which fingerprints the VAE and text-encoder weights, so a retrained tiny teacher or a
+different base model re-encodes.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .config import ConfigError
+
+TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+
+
+def check_cache_config(data_cfg) -> None:
+    """Cached latents cannot be re-augmented: data.cache_dir needs center crops and no flips."""
+    if not data_cfg.cache_dir:
+        return
+    extra = data_cfg.extra or {}
+    if extra.get("random_flip", False):
+        raise ConfigError("config key 'data.cache_dir' needs deterministic preprocessing, but "
+                          "'data.extra.random_flip' is true: set it to false or leave data.cache_dir empty")
+    if not extra.get("center_crop", True):
+        raise ConfigError("config key 'data.cache_dir' needs deterministic preprocessing, but "
+                          "'data.extra.center_crop' is false: set it to true or leave data.cache_dir empty")
+
+
+def fingerprint(modules, n: int = 4096) -> str:
+    """Cheap weight fingerprint: every tensor's name, shape, dtype, sum and up to n strided values."""
+    h = hashlib.sha256()
+    for mi, m in enumerate(modules):
+        for name, t in m.state_dict().items():
+            t = t.detach().float().cpu().reshape(-1)
+            h.update(f"{mi}/{name}/{tuple(t.shape)}/{t.dtype}/{float(t.double().sum())!r}".encode())
+            h.update(t[:: max(1, t.numel() // n)].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def encoder_id(base) -> str:
+    scale = base.vae.config.scaling_factor
+    return f"{base.family}:vae*{scale}:{fingerprint([base.vae])}:text:{fingerprint(base.text_encoders)}"
+
+
+def build_run_cache(cfg, ds, base, device, accelerator):
+    """Pixel dataset -> CachedDataset (encodes only what is missing); returns (dataset, stats)."""
+    from .data import build_cache
+    from .models import text_embeddings
+
+    vae = base.vae
+
+    def encode_images(px):
+        with torch.no_grad():
+            return (vae.encode(px.to(device, torch.float32)).latent_dist.mean * vae.config.scaling_factor).cpu()
+
+    def encode_texts(captions):
+        return {k: v.cpu() for k, v in text_embeddings(base, list(captions), device).items()}
+
+    eid = encoder_id(base)
+    with accelerator.main_process_first():
+        cached = build_cache(ds, cfg.data.cache_dir, encode_images, encode_texts, encoder_id=eid)
+    stats = {"dir": str(cfg.data.cache_dir), "encoder_id": eid, "reused": cached.stats["num_cached_reused"],
+             "encoded": cached.stats["num_cached_encoded"], "text": "prompt_embeds" + (
+                 " + pooled_prompt_embeds" if base.family == "sdxl" else "")}
+    return cached, stats
+
+
+def vae_latent_format(vae, pixels, device):
+    """Memory format of the VAE's latents (a 2-sample probe): cached latents are given the same layout,
+    so the UNet computes bit for bit what it computes on freshly encoded latents."""
+    with torch.no_grad():
+        px = torch.stack([pixels, pixels]).to(device, torch.float32)
+        lat = vae.encode(px).latent_dist.mean * vae.config.scaling_factor  # exactly as run.micro_batch
+    if lat.dim() == 4 and not lat.is_contiguous() and lat.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class CachedText:
+    """Turns a batch's cached embeddings into UNet kwargs; dropped captions get encode("") (computed once)."""
+
+    def __init__(self, base, device, pixel_dataset=None):
+        from .models import text_embeddings
+
+        self.base, self.device = base, device
+        self.empty = text_embeddings(base, [""], device)   # each (1, ...)
+        self.latent_format = torch.contiguous_format
+        if pixel_dataset is not None and len(pixel_dataset):
+            self.latent_format = vae_latent_format(base.vae, pixel_dataset[0]["pixel_values"], device)
+
+    def kwargs(self, embeds: dict, size_hw=None, crop_tl=None, target_hw=None):
+        from .models import embeds_to_unet_kwargs
+
+        return embeds_to_unet_kwargs(self.base, embeds, self.device, size_hw, crop_tl, target_hw)
+
+    def cond_uncond(self, batch, keep, hw):
+        """keep: bool (B,) = caption not dropped. Returns (cond, uncond) UNet kwargs."""
+        n = len(keep)
+        keep = torch.as_tensor(keep, device=self.device)
+        cond, uncond = {}, {}
+        for k, e in self.empty.items():
+            cached = batch[k].to(self.device, e.dtype)
+            mask = keep.reshape(-1, *([1] * (cached.dim() - 1)))
+            empty = e.expand(n, *e.shape[1:]).contiguous()
+            cond[k] = torch.where(mask, cached, empty)
+            uncond[k] = empty
+        return self.kwargs(cond, *hw), self.kwargs(uncond, *hw)
