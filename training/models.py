@@ -135,6 +135,11 @@ def encode_prompts(base: Base, prompts: list[str], device, size_hw=None, crop_tl
     return embeds_to_unet_kwargs(base, text_embeddings(base, prompts, device), device, size_hw, crop_tl, target_hw)
 
 
+def repeat_embeds(embeds: dict, n: int) -> dict:
+    """(1, ...) embeddings (e.g. of the empty prompt, encoded once) repeated to a batch of n."""
+    return {k: v.expand(n, *v.shape[1:]).contiguous() for k, v in embeds.items()}
+
+
 @torch.no_grad()
 def text_embeddings(base: Base, prompts: list[str], device) -> dict:
     """Prompts -> {"prompt_embeds"} (SD1.5) or {"prompt_embeds", "pooled_prompt_embeds"} (SDXL):

@@ -70,10 +70,12 @@ def stage_at(stages, step):
     return len(stages) - 1, stages[-1]
 
 
-def micro_batch(ds, sampler, m, cfg, accelerator, base, encode, device, dtype, cached_text=None):
+def micro_batch(ds, sampler, m, cfg, accelerator, base, encode, device, dtype, cached_text=None, empty_text=None):
     """Global micro-batch m: this process's slice plus randoms drawn for the whole global batch.
-    With data.cache_dir the batch carries `latents` (no VAE encode) and text embeddings (`cached_text`)."""
+    With data.cache_dir the batch carries `latents` (no VAE encode) and text embeddings (`cached_text`).
+    `empty_text`: the empty prompt's embeddings, encoded once per run (the unconditional branch)."""
     from .data import collate
+    from .models import embeds_to_unet_kwargs, repeat_embeds, text_embeddings
 
     per_epoch = len(sampler)
     epoch, pos = divmod(m, per_epoch)
@@ -101,7 +103,8 @@ def micro_batch(ds, sampler, m, cfg, accelerator, base, encode, device, dtype, c
         cond, uncond = cached_text.cond_uncond(batch, keep, hw)
     else:
         cond = encode(captions, *hw)
-        uncond = encode([""] * len(captions), *hw)
+        empty = empty_text if empty_text is not None else text_embeddings(base, [""], device)
+        uncond = embeds_to_unet_kwargs(base, repeat_embeds(empty, len(captions)), device, *hw)
     return {"latents": latents.to(dtype), "noise": noise.to(device, dtype), "u": u.to(device),
             "step_u": u_all[0].to(device),  # per-step choices shared by the global batch (e.g. the ReFL stop step)
             "cond": cond, "uncond": uncond, "captions": captions}
@@ -117,7 +120,7 @@ def train(cfg, args):
     from .adversarial import _all_reduce_grads
     from .lora import EMA, AdapterStack, add_kohya_adapter, add_lora, add_named_lora
     from .merge import load_kohya
-    from .models import encode_prompts, load_base
+    from .models import encode_prompts, load_base, text_embeddings
     from .stages import ADAPTER_OF, GROUP_OF, StageContext, load_stage_module
     from .tscd import DDIMGrid
 
@@ -205,6 +208,9 @@ def train(cfg, args):
     def encode(prompts, size_hw=None, crop_tl=None, target_hw=None):
         return encode_prompts(base, prompts, device, size_hw, crop_tl, target_hw)
 
+    # The text encoders are frozen: the unconditional branch's embeddings are the same every step.
+    empty_text = cached_text.empty if cached_text is not None else text_embeddings(base, [""], device)
+
     ctx = StageContext(accelerator, student, unet, base.vae, base.abar, DDIMGrid(base.abar, cfg.tscd.num_ddim_timesteps),
                        base.prediction_type, cfg, encode, teacher=stack.disabled, target=ema.swapped,
                        adapters=stack, persistent=persistent, resources=resources, resume_dir=resume)
@@ -234,7 +240,7 @@ def train(cfg, args):
         logs = {}
         for micro in range(ga):
             batch = micro_batch(ds, sampler, step * ga + micro, cfg, accelerator, base, encode, device, dtype,
-                                cached_text)
+                                cached_text, empty_text)
             sync = accelerator.no_sync(student) if micro < ga - 1 else _null()
             with sync, accelerator.autocast():
                 loss, logs = module.stage_loss(ctx, batch, stage)

@@ -99,13 +99,12 @@ class CachedText:
 
     def cond_uncond(self, batch, keep, hw):
         """keep: bool (B,) = caption not dropped. Returns (cond, uncond) UNet kwargs."""
-        n = len(keep)
+        from .models import repeat_embeds
+
         keep = torch.as_tensor(keep, device=self.device)
-        cond, uncond = {}, {}
-        for k, e in self.empty.items():
-            cached = batch[k].to(self.device, e.dtype)
-            mask = keep.reshape(-1, *([1] * (cached.dim() - 1)))
-            empty = e.expand(n, *e.shape[1:]).contiguous()
-            cond[k] = torch.where(mask, cached, empty)
-            uncond[k] = empty
+        uncond = repeat_embeds(self.empty, len(keep))
+        cond = {}
+        for k, empty in uncond.items():
+            cached = batch[k].to(self.device, empty.dtype)
+            cond[k] = torch.where(keep.reshape(-1, *([1] * (cached.dim() - 1))), cached, empty)
         return self.kwargs(cond, *hw), self.kwargs(uncond, *hw)
