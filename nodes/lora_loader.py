@@ -12,9 +12,9 @@ import os
 
 from comfy_api.latest import io
 
+from ..releases import (NO_RELEASE, RELEASE_NAMES, Release, download_release, get_release, missing_file_hint,
+                        release_for_file)
 from . import lora_formats as lf
-from .releases import (NO_RELEASE, RELEASE_NAMES, Release, download_release, get_release, missing_file_hint,
-                       release_for_file)
 
 log = logging.getLogger("HyperSD")
 NO_FILE = "None"

@@ -1,9 +1,7 @@
 """Release table: exact hub file names and the reference doc's recommended settings."""
 import pytest
 
-from tests._nodes_loader import load
-
-rel = load("releases")
+import releases as rel
 
 EXPECTED_FILES = {
     *(f"Hyper-SD15-{s}-lora.safetensors" for s in ("1step", "2steps", "4steps", "8steps")),

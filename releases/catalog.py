@@ -1,10 +1,10 @@
 """The official Hyper-SD releases (hub repo ByteDance/Hyper-SD) and how each is meant to be used.
 
-Pure data + lookups: no ComfyUI import, so tests and docs can use it directly.
+Pure data + lookups (standard library only): the loader node's outputs and the shipped workflows'
+settings both come from ``RELEASES``.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 HUB_REPO = "ByteDance/Hyper-SD"
@@ -77,33 +77,3 @@ def release_for_file(path: str) -> Release | None:
     """The release a local file is a copy of, judged by its base name (case-insensitive)."""
     base = path.replace("\\", "/").rsplit("/", 1)[-1].lower()
     return _BY_FILE.get(base)
-
-
-def release_url(filename: str) -> str:
-    return f"https://huggingface.co/{HUB_REPO}/resolve/main/{filename}"
-
-
-def missing_file_hint(filename: str, target_dir: str) -> str:
-    return f"download {release_url(filename)} and put it at {os.path.join(target_dir, filename)}"
-
-
-def download_release(filename: str, target_dir: str) -> str:
-    """Fetch an official release file into ``target_dir`` (the loras folder); return its path.
-
-    huggingface_hub is imported lazily (ComfyUI start-up must not pay for it); with ``local_dir`` it
-    downloads into a temporary file under ``target_dir`` and renames it, so no half file is left.
-    Any failure (offline mode, no network, missing file) becomes one error saying what to put where.
-    """
-    hint = missing_file_hint(filename, target_dir)
-    if filename not in {r.filename for r in RELEASES}:
-        raise ValueError(f"release: {filename!r} is not an official Hyper-SD release file")
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ValueError(f"release: {filename} is missing and huggingface_hub is not installed; {hint}") from None
-    os.makedirs(target_dir, exist_ok=True)
-    try:
-        return hf_hub_download(repo_id=HUB_REPO, filename=filename, local_dir=target_dir)
-    except Exception as e:  # offline mode, no network, 404, auth: all end in the same advice
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        raise ValueError(f"release: could not download {filename} from {HUB_REPO} ({reason}); {hint}") from e

@@ -18,8 +18,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SCRIPT = """
 import json, sys
 sys.path.insert(0, {root!r})
-from tests._nodes_loader import load
-rel = load("releases")
+import releases as rel
 try:
     print(json.dumps({{"path": rel.download_release({file!r}, {target!r})}}))
 except ValueError as e:
