@@ -1,7 +1,7 @@
 """HyperSDLoraLoader: load a Hyper-SD LoRA (local file or official release) in any key format.
 
 Every SD1.5/SDXL key format (kohya, old diffusers, PEFT) is renamed to kohya names first
-(``lora_formats.to_kohya``) because ComfyUI drops PEFT attention keys; the keys are then matched
+(``lora.keys.to_kohya``) because ComfyUI drops PEFT attention keys; the keys are then matched
 against the model's own key map before patching, so a LoRA for another family or with zero
 matching keys fails loudly instead of being logged as "lora key not loaded".
 """
@@ -14,7 +14,10 @@ from comfy_api.latest import io
 
 from ..releases import (NO_RELEASE, RELEASE_NAMES, Release, download_release, get_release, missing_file_hint,
                         release_for_file)
-from . import lora_formats as lf
+from .lora.families import lora_family, model_family
+from .lora.files import check_safetensors, load_safetensors, safe_relative_name
+from .lora.keys import to_kohya
+from .lora.matching import MatchReport, match_modules
 
 log = logging.getLogger("HyperSD")
 NO_FILE = "None"
@@ -30,7 +33,7 @@ def local_lora_path(name: str) -> str:
     """Path of a file picked in the ``lora_name`` combo, refusing path tricks."""
     import folder_paths
 
-    lf.safe_relative_name(name, "lora_name")
+    safe_relative_name(name, "lora_name")
     roots = folder_paths.get_folder_paths("loras")
     path = folder_paths.get_full_path("loras", name)
     if path is None:
@@ -53,15 +56,15 @@ def release_path(release: Release, download: bool) -> str:
         raise ValueError(f"release: {release.filename} is not in the loras folder and download_missing is off; "
                          f"{missing_file_hint(release.filename, target_dir)}")
     path = download_release(release.filename, target_dir)
-    lf.check_safetensors(path, "release")
+    check_safetensors(path, "release")
     return path
 
 
 def _model_family_name(model) -> str:
-    return lf.model_family(type(model.model.model_config).__name__)
+    return model_family(type(model.model.model_config).__name__)
 
 
-def _check_matches(lora_sd: dict, model, clip, source: str) -> tuple[lf.MatchReport, str]:
+def _check_matches(lora_sd: dict, model, clip, source: str) -> tuple[MatchReport, str]:
     import comfy.lora
 
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
@@ -69,10 +72,10 @@ def _check_matches(lora_sd: dict, model, clip, source: str) -> tuple[lf.MatchRep
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
         shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
-    report = lf.match_modules(lora_sd, key_map, shapes)
-    family, lora_family = _model_family_name(model), lf.lora_family(lora_sd)
-    if lora_family is not None and family in ("SD15", "SD2", "SDXL", "SD3", "FLUX") and lora_family != family:
-        raise ValueError(f"{source}: this LoRA is for {lora_family} but the model is {family}; "
+    report = match_modules(lora_sd, key_map, shapes)
+    family, lora_fam = _model_family_name(model), lora_family(lora_sd)
+    if lora_fam is not None and family in ("SD15", "SD2", "SDXL", "SD3", "FLUX") and lora_fam != family:
+        raise ValueError(f"{source}: this LoRA is for {lora_fam} but the model is {family}; "
                          f"pick a {family} LoRA (or the matching checkpoint)")
     if report.shape_mismatch:
         name, got, want = report.shape_mismatch[0]
@@ -102,8 +105,8 @@ def _drop_text_encoder(sd: dict) -> tuple[dict, int]:
 def load_and_apply(model, clip, path: str, strength_model: float, strength_clip: float, source: str):
     import comfy.sd
 
-    raw = lf.load_safetensors(path, source)
-    conv = lf.to_kohya(raw)
+    raw = load_safetensors(path, source)
+    conv = to_kohya(raw)
     sd, dropped = (conv.state_dict, 0) if clip is not None else _drop_text_encoder(conv.state_dict)
     if not sd:
         raise ValueError(f"{source}: {os.path.basename(path)} has no UNet LoRA keys (text-encoder only) and no CLIP is connected")

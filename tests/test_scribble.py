@@ -1,17 +1,8 @@
-"""HyperSDScribblePreprocessor math (nodes/scribble_math.py), without ComfyUI.
-
-nodes/__init__.py imports comfy_api, so the pure module is loaded by file path.
-"""
-import importlib.util
-from pathlib import Path
-
+"""HyperSDScribblePreprocessor math (nodes/scribble_math.py), without ComfyUI."""
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "nodes" / "scribble_math.py"
-_spec = importlib.util.spec_from_file_location("hypersd_scribble_math", _PATH)
-sm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sm)
+from nodes import scribble_math as sm
 
 
 def _canvas(h=48, w=64, background=1.0, stroke=0.0):

@@ -9,9 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests._nodes_loader import load
-
-lf = load("lora_formats")
+from nodes.lora import families, files, keys, matching
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "conv1", "time_emb_proj"]
 
@@ -38,7 +36,7 @@ def _kohya(name, prefix="lora_unet_"):
 @pytest.mark.parametrize("prefix", ["unet.", "base_model.model.", ""])
 def test_peft_unet_keys_become_kohya_for_every_module(peft_unet, prefix):
     sd, modules = peft_unet
-    conv = lf.to_kohya({prefix + k: v for k, v in sd.items()})
+    conv = keys.to_kohya({prefix + k: v for k, v in sd.items()})
     assert conv.unknown == []
     assert conv.formats == {"peft": len(sd)}
     expected = {_kohya(m) + s for m in modules for s in (".lora_down.weight", ".lora_up.weight")}
@@ -61,7 +59,7 @@ def test_old_diffusers_attention_processor_keys(peft_unet):
         old[base + ".up.weight"] = torch.zeros(8, 2)
         old[base + ".down.weight"] = torch.zeros(2, 8)
         expected |= {_kohya(m) + ".lora_up.weight", _kohya(m) + ".lora_down.weight"}
-    conv = lf.to_kohya(old)
+    conv = keys.to_kohya(old)
     assert conv.formats == {"diffusers-old": len(old)}
     assert set(conv.state_dict) == expected
 
@@ -77,10 +75,10 @@ def test_text_encoder_peft_and_old_keys():
     sd = get_peft_model_state_dict(peft_te)
     modules = {n[len("base_model.model."):] for n, m in peft_te.named_modules() if hasattr(m, "lora_A")}
     for prefix, kohya in (("text_encoder.", "lora_te1_"), ("text_encoder_2.", "lora_te2_")):
-        conv = lf.to_kohya({prefix + k.replace("base_model.model.", ""): v for k, v in sd.items()})
+        conv = keys.to_kohya({prefix + k.replace("base_model.model.", ""): v for k, v in sd.items()})
         assert set(conv.state_dict) == {_kohya(m, kohya) + s for m in modules
                                         for s in (".lora_down.weight", ".lora_up.weight")}
-    old = lf.to_kohya({"text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.up.weight": torch.zeros(1)})
+    old = keys.to_kohya({"text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.up.weight": torch.zeros(1)})
     assert list(old.state_dict) == ["lora_te1_text_model_encoder_layers_0_self_attn_out_proj.lora_up.weight"]
 
 
@@ -88,14 +86,14 @@ def test_kohya_and_flux_keys_pass_through():
     sd = {"lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(1),
           "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0),
           "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1)}
-    conv = lf.to_kohya(sd)
+    conv = keys.to_kohya(sd)
     assert set(conv.state_dict) == set(sd)
     assert conv.unknown == ["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]
-    assert lf.lora_family(sd) == "FLUX"
+    assert families.lora_family(sd) == "FLUX"
 
 
 def test_alpha_keys_follow_their_module():
-    conv = lf.to_kohya({"unet.mid_block.attentions.0.proj_in.alpha": torch.tensor(8.0),
+    conv = keys.to_kohya({"unet.mid_block.attentions.0.proj_in.alpha": torch.tensor(8.0),
                         "unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 3)})
     assert set(conv.state_dict) == {"lora_unet_mid_block_attentions_0_proj_in.alpha",
                                     "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"}
@@ -105,9 +103,9 @@ def test_alpha_keys_follow_their_module():
 def test_family_from_cross_attention_width(width, family):
     key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
     alpha = key.replace(".lora_down.weight", ".alpha")  # scalar first: must not end the search
-    assert lf.lora_family({alpha: torch.tensor(4.0), key: torch.zeros(4, width)}) == family
+    assert families.lora_family({alpha: torch.tensor(4.0), key: torch.zeros(4, width)}) == family
     peft = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
-    assert lf.lora_family({peft: torch.zeros(4, width)}) == family
+    assert families.lora_family({peft: torch.zeros(4, width)}) == family
 
 
 def test_match_modules_reports_matched_unmatched_and_shape_mismatch():
@@ -115,7 +113,7 @@ def test_match_modules_reports_matched_unmatched_and_shape_mismatch():
           "b.lora_up.weight": torch.zeros(10, 4), "b.lora_down.weight": torch.zeros(4, 768),
           "c.lora_up.weight": torch.zeros(3, 4), "c.lora_down.weight": torch.zeros(4, 3), "c.alpha": torch.tensor(1.0)}
     key_map = {"a": "m.a.weight", "b": "m.b.weight"}
-    report = lf.match_modules(sd, key_map, {"m.a.weight": (10, 20), "m.b.weight": (10, 2048)})
+    report = matching.match_modules(sd, key_map, {"m.a.weight": (10, 20), "m.b.weight": (10, 2048)})
     assert report.matched == ["a"] and report.unmatched == ["c"]
     assert report.shape_mismatch == [("b", (10, 768), (10, 2048))] and report.total == 3
 
@@ -124,15 +122,15 @@ def test_match_modules_reports_matched_unmatched_and_shape_mismatch():
                                   "C:\\loras\\x.safetensors", "..\\x.safetensors", "", "   "])
 def test_path_tricks_are_refused(name):
     with pytest.raises(ValueError, match="lora_name"):
-        lf.safe_relative_name(name)
+        files.safe_relative_name(name)
 
 
 def test_resolve_inside_accepts_subfolders_and_refuses_symlink_escape(tmp_path):
     (tmp_path / "loras" / "sub").mkdir(parents=True)
-    assert lf.resolve_inside(str(tmp_path / "loras"), "sub/a.safetensors").endswith("sub/a.safetensors")
+    assert files.resolve_inside(str(tmp_path / "loras"), "sub/a.safetensors").endswith("sub/a.safetensors")
     os.symlink(tmp_path, tmp_path / "loras" / "escape")
     with pytest.raises(ValueError, match="outside the loras folder"):
-        lf.resolve_inside(str(tmp_path / "loras"), "escape/secret.safetensors")
+        files.resolve_inside(str(tmp_path / "loras"), "escape/secret.safetensors")
 
 
 def _valid_file(tmp_path):
@@ -143,21 +141,21 @@ def _valid_file(tmp_path):
 
 def test_safetensors_checks(tmp_path):
     ok = _valid_file(tmp_path)
-    assert list(lf.load_safetensors(str(ok))) == ["lora_unet_x.lora_up.weight"]
+    assert list(files.load_safetensors(str(ok))) == ["lora_unet_x.lora_up.weight"]
     with pytest.raises(ValueError, match="lora_name: file not found"):
-        lf.check_safetensors(str(tmp_path / "missing.safetensors"))
+        files.check_safetensors(str(tmp_path / "missing.safetensors"))
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(ok.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        lf.check_safetensors(str(truncated))
+        files.check_safetensors(str(truncated))
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"{not json at all}" + b"\x00" * 8)
     with pytest.raises(ValueError, match="corrupt safetensors header"):
-        lf.check_safetensors(str(corrupt))
+        files.check_safetensors(str(corrupt))
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(b"abc")
     with pytest.raises(ValueError, match="empty or truncated"):
-        lf.check_safetensors(str(tiny))
+        files.check_safetensors(str(tiny))
 
 
 class _Boom:
@@ -175,11 +173,11 @@ def test_pickle_files_are_refused_without_unpickling(tmp_path, name):
     if os.path.exists(marker):
         os.remove(marker)
     with pytest.raises(ValueError, match="not a .safetensors file"):
-        lf.load_safetensors(str(path))
+        files.load_safetensors(str(path))
     assert not os.path.exists(marker)
 
 
 def test_model_family_names():
-    assert lf.model_family("SD15") == "SD15"
-    assert lf.model_family("Segmind_Vega") == "SDXL"
-    assert lf.model_family("Flux") == "FLUX"
+    assert families.model_family("SD15") == "SD15"
+    assert families.model_family("Segmind_Vega") == "SDXL"
+    assert families.model_family("Flux") == "FLUX"
