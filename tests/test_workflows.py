@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from workflows import build
+from workflows import blocks, build, docs_table, recipes
 from workflows.wfkit import API_DIR, REPO, UI_DIR, core_schema_path, load_schemas, ui_to_api, validate_api
 
 if not core_schema_path().is_file():
@@ -28,7 +28,7 @@ def _api(name):
 
 
 def test_every_defined_workflow_is_shipped_as_ui_and_api_twin():
-    assert sorted(build.WORKFLOWS) == NAMES
+    assert sorted(recipes.WORKFLOWS) == NAMES
     assert sorted(p.stem for p in API_DIR.glob("*.json")) == NAMES
     assert len(NAMES) >= 21
 
@@ -93,12 +93,31 @@ def test_recommended_settings_per_usage():
     assert nodes("hypersd_flux_8step_lora", "FluxGuidance")[0]["guidance"] == 3.5
 
 
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ksampler_settings_come_from_the_release_table(name):
+    """Workflows that load an official LoRA sample with that release's settings (releases.RELEASES,
+    the same table the loader node outputs)."""
+    from releases import release_for_file
+
+    api = _api(name)
+    loaded = [n["inputs"].get("release", "") + ".safetensors" if n["class_type"] == "HyperSDLoraLoader"
+              else n["inputs"]["lora_name"] for n in api.values()
+              if n["class_type"] in ("HyperSDLoraLoader", "LoraLoaderModelOnly")]
+    for k in (n["inputs"] for n in api.values() if n["class_type"] == "KSampler"):
+        (rel,) = [release_for_file(f) for f in loaded]
+        assert (k["steps"], k["cfg"], k["sampler_name"], k["scheduler"]) == (rel.steps, rel.cfg, rel.sampler,
+                                                                            rel.scheduler)
+    for n in api.values():
+        if n["class_type"] == "LoraLoaderModelOnly":
+            assert n["inputs"]["strength_model"] == release_for_file(n["inputs"]["lora_name"]).strength
+
 def test_seed_control_widget_is_skipped_by_converter():
     ui = _ui("hypersd_sd15_4step_lora")
     (ks,) = [n for n in ui["nodes"] if n["type"] == "KSampler"]
-    assert ks["widgets_values"][:2] == [build.SEED, "fixed"]
+    assert ks["widgets_values"][:2] == [blocks.SEED, "fixed"]
     (api_ks,) = [n for n in ui_to_api(ui, SCHEMAS).values() if n["class_type"] == "KSampler"]
-    assert api_ks["inputs"]["seed"] == build.SEED and api_ks["inputs"]["steps"] == 4
+    assert api_ks["inputs"]["seed"] == blocks.SEED and api_ks["inputs"]["steps"] == 4
 
 
 def _broken(mutate):
@@ -133,7 +152,7 @@ def test_validator_reports_each_kind_of_error(mutate, message):
 def test_docs_table_matches_workflows(doc):
     _, built = build.expected_files(SCHEMAS)
     text = (REPO / doc).read_text()
-    assert build.docs_table(built) in text, f"run `python -m workflows.build` to refresh the table in {doc}"
+    assert docs_table.docs_table(built) in text, f"run `python -m workflows.build` to refresh the table in {doc}"
 
 
 def test_every_pack_node_input_has_a_tooltip():
