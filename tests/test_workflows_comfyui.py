@@ -148,6 +148,7 @@ def tiny_controlnet_state_dict(spec, seed: int = 0) -> dict:
 def tiny_server(tmp_path_factory):
     """ComfyUI with tiny SD1.5 / SDXL checkpoints, kohya LoRAs and ControlNets under fixed names."""
     from tests.comfyui import tiny_checkpoints as tc
+    from tests.comfyui.tiny_loras import build_kohya_lora
 
     cache = os.environ.get("HYPERSD_TINY_MODEL_CACHE")
     models = tc.TinyModels(Path(cache) if cache else tmp_path_factory.mktemp("tiny_models"))
@@ -157,7 +158,7 @@ def tiny_server(tmp_path_factory):
                                ("SDXL", tc.SDXL_UNET, lambda: models.sdxl_checkpoint)):
         lora = root / f"tiny-{family.lower()}-kohya-lora.safetensors"
         if not lora.exists():
-            tc.build_kohya_lora(lora, spec)
+            build_kohya_lora(lora, spec)
         control = root / f"tiny-{family.lower()}-controlnet.safetensors"
         if not control.exists():
             tc.atomic_save(tiny_controlnet_state_dict(spec), control)

@@ -208,10 +208,10 @@ def test_object_info_lists_nodes_and_tcd(comfy_server):
 def test_prompt_loader_outputs_drive_ksampler(comfy_server, tiny_models, tmp_path):
     """Checkpoint -> HyperSDLoraLoader (PEFT file) -> KSampler whose steps/cfg/sampler_name/scheduler
     are links from the loader's outputs -> VAEDecode -> SaveImage, through /prompt."""
-    from . import tiny_checkpoints as tc
+    from .tiny_loras import build_peft_lora
 
     ckpt = comfy_server.add_model("checkpoints", tiny_models.sd15_checkpoint)
-    lora = comfy_server.add_model("loras", tc.build_peft_lora(tmp_path / "tiny-peft.safetensors"))
+    lora = comfy_server.add_model("loras", build_peft_lora(tmp_path / "tiny-peft.safetensors"))
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "HyperSDLoraLoader", "inputs": {

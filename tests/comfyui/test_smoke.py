@@ -71,7 +71,8 @@ def _with_core_lora(prompt: dict, lora_name: str, strength: float = 1.0) -> dict
 
 def _core_kohya_lora(comfy_server, tiny_models, tmp_path, family):
     """The kohya builder names modules the way ComfyUI maps them: no 'lora key not loaded'."""
-    from .tiny_checkpoints import ATTENTION_TARGETS, SD15_UNET, SDXL_UNET, build_kohya_lora
+    from .tiny_checkpoints import SD15_UNET, SDXL_UNET
+    from .tiny_loras import ATTENTION_TARGETS, build_kohya_lora
 
     spec, ckpt = (SD15_UNET, tiny_models.sd15_checkpoint) if family == "sd15" else \
         (SDXL_UNET, tiny_models.sdxl_checkpoint)
@@ -88,7 +89,8 @@ def _core_kohya_lora(comfy_server, tiny_models, tmp_path, family):
 
 def test_core_lora_loader_drops_peft_attention_keys(comfy_server, tiny_models, tmp_path):
     """Reference fact (ComfyUI issues 3163/9753): diffusers-PEFT attention keys are not loaded by core."""
-    from .tiny_checkpoints import SD15_UNET, build_peft_lora
+    from .tiny_checkpoints import SD15_UNET
+    from .tiny_loras import build_peft_lora
 
     lora = build_peft_lora(tmp_path / "tiny-sd15-peft.safetensors", SD15_UNET, rank=2)
     ckpt_name = comfy_server.add_model("checkpoints", tiny_models.sd15_checkpoint)
