@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from training.data import BucketBatchSampler, build_dataset, make_buckets, make_dataloader, set_epoch
-from training.data_image import nearest_bucket, preprocess
+from training.data.image import nearest_bucket, preprocess
 
 
 def test_buckets_area_sides_and_assignment():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import DataConfig, DataError, build_dataset, collate
+from training.data import DatasetOptions, DataError, build_dataset, collate
 
 
 def _png(path, size=(40, 30), colour=(200, 10, 10)):
@@ -61,7 +61,7 @@ def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(DataError, match=r"data\.path.*contains no images"):
         build_dataset({"source": "folder", "path": str(tmp_path)})
     with pytest.raises(DataError, match=r"data\.resolutoin"):
-        DataConfig.from_dict({"resolutoin": 64})
+        DatasetOptions.from_dict({"resolutoin": 64})
 
 
 def test_corrupt_and_truncated_images_reported_by_name_and_counted(tmp_path):
@@ -109,7 +109,7 @@ def test_generated_dataset_is_deterministic_and_captions_match_pixels():
     assert all(torch.equal(a[i]["pixel_values"], b[i]["pixel_values"]) for i in range(6))
     assert [a[i]["caption"] for i in range(6)] == [b[i]["caption"] for i in range(6)]
     assert [a[i]["caption"] for i in range(6)] != [c[i]["caption"] for i in range(6)]
-    from training.data_sources import COLOURS, POSITIONS
+    from training.data.sources import COLOURS, POSITIONS
     for i in range(6):
         s = a[i]
         cap = s["caption"]

@@ -2,7 +2,8 @@
 
 - ``nodes/__init__.py`` and the ComfyUI-free modules import without ComfyUI;
 - nothing imports ``nodes`` except the root ``__init__.py`` (and tests);
-- ``releases/`` imports nothing of the repo but itself; no import circles between modules.
+- ``releases/`` imports nothing of the repo but itself; no import circles between modules;
+- the trainer keeps modules under 400 lines and functions under 80 (docs/architecture.md).
 """
 import ast
 import importlib
@@ -81,3 +82,18 @@ def test_no_import_circles():
     # a package importing its own submodules (``__init__`` re-exports) is not a circle
     cycles = [c for c in cycles if not all(m.startswith(c[0] + ".") or m == c[0] for m in c)]
     assert cycles == []
+
+
+def test_training_modules_and_functions_stay_short():
+    """docs/architecture.md: no trainer module over 400 lines, no function over 80 (split by phase)."""
+    long_modules, long_functions = [], []
+    for name, path in _sources().items():
+        if not name.startswith("training"):
+            continue
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long_modules.append(f"{name} ({len(text.splitlines())} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long_functions.append(f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long_modules == [] and long_functions == []

@@ -73,8 +73,9 @@ def test_diffusers_loads_the_exported_unet_and_reproduces_the_student(full_run):
 
 
 def test_teacher_weights_unchanged_and_the_student_moved(full_run):
-    from training.merge import fold_kohya_into, load_kohya
-    from training import tiny
+    from training.lora_files.kohya import load_kohya
+    from training.lora_files.peft_bridge import fold_kohya_into
+    from training.models import tiny
 
     teacher = load_file(str(full_run / "tiny_teacher.safetensors"))
     teacher = {k[5:]: v for k, v in teacher.items() if k.startswith("unet.")}

@@ -3,14 +3,21 @@ import pytest
 import torch
 
 from schedulers.vp import scaled_linear_alphas_cumprod
-from training import adversarial as adv
-from training.feedback import refl_loss
-from training.merge import add_stage_lora
-from training.rewards import TinyReward
-from training.score_distill import DMDStage, dm_loss, fake_score_loss, student_x0, teacher_multistep_x0
-from training.tiny import tiny_unet, tiny_vae
+from training.diffusion import abar_at, ddim_point
+from training.models.adapters import add_adapter
+from training.models.rewards import TinyReward
+from training.stages import adversarial as adv
+from training.stages.feedback import refl_loss
+from training.stages.score_distill import dm_loss, fake_score_loss, student_x0, teacher_multistep_x0
+from training.models.tiny import tiny_unet, tiny_vae
 
 ABAR = scaled_linear_alphas_cumprod().float()
+# the stand-alone stage tests' LoRA layout (kaiming A, zero B)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
+def stage_lora(unet, name, rank=4):
+    return add_adapter(unet, name, rank, float(rank), TARGETS, init=True, trainable=True)
 
 
 def fixed(seed, *shape):
@@ -31,7 +38,8 @@ def test_adversarial_discriminator_and_generator_losses_fall():
     assert all(not p.requires_grad for p in teacher.parameters())
     assert {n.split(".")[0] for n, _ in disc.named_parameters()} == {"heads"}
     cond, t = fixed(1, 2, 5, 32), torch.tensor([300, 600])
-    real, fake = adv.noise_to(fixed(2, 2, 4, 8, 8) * 0.5, t, fixed(3, 2, 4, 8, 8), ABAR), fixed(4, 2, 4, 8, 8)
+    x0 = fixed(2, 2, 4, 8, 8) * 0.5
+    real, fake = ddim_point(x0, fixed(3, 2, 4, 8, 8), abar_at(ABAR, t, x0)), fixed(4, 2, 4, 8, 8)
     fake = fake.requires_grad_(True)
     d_loss = lambda: adv.discriminator_loss(disc(real, t, cond), disc(fake.detach(), t, cond))  # noqa: E731
     before = d_loss().item()
@@ -60,10 +68,10 @@ def test_adv_weight_schedule_and_errors():
 
 def test_feedback_refl_loss_falls_and_reward_rises():
     unet, vae, reward = tiny_unet(sample_size=8), tiny_vae(), TinyReward()
-    params = add_stage_lora(unet, "feedback", rank=4)
+    params = stage_lora(unet, "feedback")
     cond, noise = fixed(1, 2, 5, 32), fixed(2, 2, 4, 8, 8)
     run = lambda: refl_loss(unet, vae, reward, ["a", "b"], cond, noise, ABAR, stop=2, steps=4,  # noqa: E731
-                            alpha=10.0, return_reward=True)
+                            alpha=10.0)
     (before, r0) = run()
     adam_steps(params, lambda: run()[0], 8, 3e-3)
     (after, r1) = run()
@@ -74,29 +82,36 @@ def test_feedback_refl_loss_falls_and_reward_rises():
 
 
 def test_dmd_fake_score_and_generator_losses_fall():
-    teacher = tiny_unet(sample_size=8)
-    stage = DMDStage(tiny_unet(sample_size=8), teacher, ABAR,
-                     {"mode": "lora", "rank": 4, "lr": 2e-3, "fake_lr": 2e-3, "guidance": 3.0, "reg_weight": 1.0})
-    assert stage.t_gen == 999
+    """The DMD pieces the score_distill stage is made of, on tiny UNets: the fake score learns to denoise
+    the student's outputs, and a generator step follows -grad of the distribution-matching surrogate."""
+    import copy
+
+    teacher = tiny_unet(sample_size=8).requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    gen_params = stage_lora(student, "dmd")
+    fake = copy.deepcopy(teacher)
+    fake_params = stage_lora(fake, "fake")
     cond, uncond, noise = fixed(1, 2, 5, 32), torch.zeros(2, 5, 32), fixed(2, 2, 4, 8, 8)
     ref = teacher_multistep_x0(teacher, noise, cond, uncond, 3.0, ABAR, steps=4)
     t, n2 = torch.tensor([250, 700]), fixed(3, 2, 4, 8, 8)
-    # fake score: denoising loss on the student's (fixed) outputs
     with torch.no_grad():
-        x0 = student_x0(stage.student, noise, cond, 999, ABAR)
-    f_loss = lambda: fake_score_loss(stage.fake, x0, cond, t, n2, ABAR)  # noqa: E731
+        x0 = student_x0(student, noise, cond, 999, ABAR)
+    f_loss = lambda: fake_score_loss(fake, x0, cond, t, n2, ABAR)  # noqa: E731
     before = f_loss().item()
-    adam_steps([p for p in stage.fake.parameters() if p.requires_grad], f_loss, 10, 2e-3)
+    adam_steps(fake_params, f_loss, 10, 2e-3)
     after = f_loss().item()
     print(f"dmd fake-score loss {before:.5f} -> {after:.5f}")
     assert after < before
-    # generator: DM gradient + MSE regulariser on the same noise
-    batch = {"cond": cond, "uncond": uncond, "noise": noise, "reference": ref}
-    g = lambda: stage.generator_loss(batch, t=t, dm_noise=n2)  # noqa: E731
-    loss0, dm0, reg0, x0_before = g()
-    _, grad = dm_loss(x0_before, teacher, stage.fake, cond, uncond, 3.0, t, n2, ABAR)
-    adam_steps([p for p in stage.student.parameters() if p.requires_grad], lambda: g()[0], 5, 1e-3)
-    loss1, dm1, reg1, x0_after = g()
+
+    def g():
+        x = student_x0(student, noise, cond, 999, ABAR)
+        dm, _ = dm_loss(x, teacher, fake, cond, uncond, 3.0, t, n2, ABAR)
+        reg = torch.nn.functional.mse_loss(x, ref)
+        return dm + reg, reg.detach(), x
+    loss0, reg0, x0_before = g()
+    _, grad = dm_loss(x0_before, teacher, fake, cond, uncond, 3.0, t, n2, ABAR)
+    adam_steps(gen_params, lambda: g()[0], 5, 1e-3)
+    loss1, reg1, x0_after = g()
     move = (x0_after - x0_before).detach().flatten()
     cos = torch.nn.functional.cosine_similarity(move, -grad.flatten(), dim=0).item()
     print(f"dmd generator: reg {reg0:.4f} -> {reg1:.4f}, total {loss0.item():.4f} -> {loss1.item():.4f}, "
@@ -104,19 +119,17 @@ def test_dmd_fake_score_and_generator_losses_fall():
     assert reg1 < reg0 and loss1.item() < loss0.item() and cos > 0
 
 
-def test_dmd_two_time_scale_and_full_mode(tmp_path):
-    teacher = tiny_unet(sample_size=8)
-    stage = DMDStage(tiny_unet(sample_size=8), teacher, ABAR, {"mode": "full", "gen_every": 3, "lr": 1e-5})
-    assert stage.t_gen == 800
-    batch = {"cond": fixed(1, 1, 5, 32), "uncond": None, "noise": fixed(2, 1, 4, 8, 8), "reference": None}
-    logs = [stage.step(batch) for _ in range(4)]
-    assert ["dmd_loss" in s for s in logs] == [True, False, False, True]
-    from training.score_distill import save_full_unet
-    from safetensors.torch import load_file
-    path = tmp_path / "unet.safetensors"
-    save_full_unet(stage.student, str(path))
-    sd = load_file(str(path))
-    fresh = tiny_unet(sample_size=8)
-    fresh.load_state_dict({k: v.float() for k, v in sd.items()})  # strict: a loadable diffusers UNet
-    with pytest.raises(ValueError, match="dmd.mode"):
-        DMDStage(tiny_unet(sample_size=8), teacher, ABAR, {"mode": "partial"})
+def test_full_unet_export_is_a_loadable_diffusers_unet(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from training.lora_files.export import export_full_unet, full_unet_metadata
+
+    unet = tiny_unet(sample_size=8)
+    folder = tmp_path / "unet"
+    path = export_full_unet(unet, str(folder), full_unet_metadata("sd15", "epsilon", 800), dtype=torch.float16)
+    fresh = UNet2DConditionModel.from_pretrained(str(folder))
+    sd = fresh.state_dict()
+    assert all(torch.equal(sd[k].half(), v.half()) for k, v in unet.state_dict().items())
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["hypersd.timestep"] == "800"

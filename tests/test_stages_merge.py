@@ -5,9 +5,12 @@ import sys
 import pytest
 import torch
 
-from training.tiny import tiny_unet
-from training.merge import (LoraModule, add_stage_lora, fold_kohya_into, load_kohya, merge_exact, merge_files,
-                            peft_to_kohya, save_kohya, svd_rerank, validate_stage_plan)
+from training.models.tiny import tiny_unet
+from training.lora_files.kohya import LoraModule, load_kohya, save_kohya
+from training.lora_files.merge import merge_exact, merge_files, svd_rerank
+from training.lora_files.peft_bridge import fold_kohya_into, peft_to_kohya
+from training.models.adapters import add_adapter
+from training.stages import validate_stage_plan
 
 
 def random_lora(seed, rank, alpha):
@@ -75,7 +78,7 @@ def test_cli(tmp_path):
 
 def test_peft_roundtrip_and_fold_match_live_lora():
     unet = tiny_unet()
-    add_stage_lora(unet, "s1", rank=4, alpha=2.0)
+    add_adapter(unet, "s1", 4, 2.0, trainable=True)
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
@@ -112,18 +115,18 @@ def test_run_export_writes_stage_files_and_unified_lora(tmp_path, merge_rank):
     """training.run's export: one file per stage group + the unified file (exact, or SVD re-ranked with the
     error reported against the sum of the stage deltas)."""
     from training.config import load_config
-    from training.lora import add_lora, add_named_lora
-    from training.run import export_stages_and_merge
+    from training.lora_files.export import export_stages_and_merge
 
     cfg = load_config(None, ["lora.rank=4", "lora.alpha=2", f"output.merge_rank={merge_rank}"])
     unet = tiny_unet()
     torch.manual_seed(0)
-    params = add_lora(unet, 4, 2.0, cfg.lora.targets) + add_named_lora(unet, "feedback", 4, 2.0, cfg.lora.targets)
+    params = add_adapter(unet, "default", 4, 2.0, cfg.lora.targets) + add_adapter(unet, "feedback", 4, 2.0, cfg.lora.targets)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)
     out = tmp_path / "unified.safetensors"
-    report = export_stages_and_merge(cfg, unet, str(tmp_path), str(out), {}, ["tscd", "feedback"], 0)
+    report = export_stages_and_merge(unet, str(tmp_path), str(out), {}, [("tscd", "default"), ("feedback", "feedback")],
+                                     cfg.output.merge_rank, cfg.lora.rank)
     stages = [load_kohya(p) for p in report["stage_files"]]
     unified = load_kohya(str(out))
     num = den = 0.0

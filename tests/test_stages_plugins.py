@@ -20,12 +20,14 @@ def harness():
     from accelerate import Accelerator
 
     from training.config import StageConfig, load_config
-    from training.lora import AdapterStack, add_lora, add_named_lora
-    from training.models import build_tiny, encode_prompts
-    from training.stages import ADAPTER_OF, StageContext, load_stage_module
-    from training.tscd import DDIMGrid
+    from training.diffusion import DDIMGrid
+    from training.models.adapters import AdapterStack, add_adapter
+    from training.models.base import build_tiny
+    from training.models.text import encode_prompts
+    from training.stages import ADAPTER_OF, get_stage
+    from training.stages.base import StageContext
 
-    from training import tiny
+    from training.models import tiny
     from training.data import build_dataset, collate
 
     cfg = load_config(None, ["lora.rank=4", "lora.alpha=4"])
@@ -36,13 +38,12 @@ def harness():
                        data["caption"], base.abar, steps=PRETRAIN, vae_steps=5, batch_size=8)
     unet = base.unet.requires_grad_(False)
     torch.manual_seed(0)
-    params = {"tscd": add_lora(unet, 4, 4.0, cfg.lora.targets)}
-    for g in ("feedback", "score_distill"):
-        params[g] = add_named_lora(unet, ADAPTER_OF[g], 4, 4.0, cfg.lora.targets)
+    params = {g: add_adapter(unet, ADAPTER_OF[g], 4, 4.0, cfg.lora.targets)
+              for g in ("tscd", "feedback", "score_distill")}
     stages = {t: StageConfig(type=t, segments=1, steps=STEPS[t], params=PARAMS[t]) for t in STEPS}
     persistent = {}
     for t in ("adversarial", "score_distill"):
-        persistent.update(load_stage_module(t).build_persistent(unet, [stages[t]], cfg))
+        persistent.update(get_stage(t).build_persistent(unet, [stages[t]], cfg))
     stack = AdapterStack(unet)
     acc = Accelerator(cpu=True)
 
@@ -50,14 +51,14 @@ def harness():
         return encode_prompts(base, prompts, "cpu")
 
     ctx = StageContext(acc, unet, unet, base.vae, base.abar, DDIMGrid(base.abar, cfg.tscd.num_ddim_timesteps),
-                       "epsilon", cfg, encode, teacher=stack.disabled, target=torch.no_grad, adapters=stack,
+                       "epsilon", cfg, teacher=stack.disabled, target=torch.no_grad, adapters=stack,
                        persistent=persistent)
     g = torch.Generator().manual_seed(3)
     prompts = ["a red circle", "a blue square"]
     u = torch.rand(2, 8, generator=g, dtype=torch.float64)
     u[:, 0] = 0.0  # j = 1: the TSCD target is the teacher's own solver step (fixed, not self-referential)
     batch = {"latents": torch.randn(2, 4, 16, 16, generator=g) * 0.5, "noise": torch.randn(2, 4, 16, 16, generator=g),
-             "u": u, "cond": encode(prompts), "uncond": encode(["", ""]), "captions": prompts}
+             "u": u, "step_u": u[0], "cond": encode(prompts), "uncond": encode(["", ""]), "captions": prompts}
     return ctx, stages, params, batch
 
 
@@ -67,20 +68,19 @@ def harness():
     ("score_distill", "score_distill", ["default", "feedback", "dmd"]),
 ])
 def test_stage_lowers_its_own_loss_on_a_fixed_batch(harness, stype, group, active):
-    from training.stages import ADAPTER_OF, load_stage_module
+    from training.stages import ADAPTER_OF, get_stage
 
     ctx, stages, params, batch = harness
-    stage, module = stages[stype], load_stage_module(stype)
+    stage, module = stages[stype], get_stage(stype)
     ctx.adapters.use(active, [ADAPTER_OF[group]])
     ctx.state, ctx.step, ctx.stage_start, ctx.stage_index = {}, 0, 0, 0
-    if hasattr(module, "setup"):
-        module.setup(ctx, stage)
+    assert module.setup(ctx, stage) is None  # a LoRA stage trains its group's adapter
     opt = torch.optim.Adam(params[group], lr=LR[stype])
     for p in ctx.unet.parameters():  # the module-scoped UNet may hold an earlier test's gradients
         p.grad = None
     losses, own, rewards = [], [], []
     for _ in range(stage.steps):
-        loss, logs = module.stage_loss(ctx, batch, stage)
+        loss, logs = module.loss(ctx, batch, stage)
         own.append({k: logs[k] for k in OWN[stype]})
         rewards.append(logs.get("reward"))
         opt.zero_grad(set_to_none=True)
@@ -103,8 +103,8 @@ def test_eps_model_gives_epsilon_for_both_prediction_types(prediction_type):
     """feedback / score_distill run eps-based samplers; EpsModel converts a v-prediction UNet's output."""
     from types import SimpleNamespace
 
-    from training.models import scheduler_abar
-    from training.stages import EpsModel
+    from training.models.base import scheduler_abar
+    from training.stages.base import EpsModel
 
     abar = scheduler_abar()
     g = torch.Generator().manual_seed(0)
@@ -124,23 +124,24 @@ def test_full_unet_score_distill_lowers_its_own_loss_and_leaves_the_teacher_alon
     """score_distill mode full: the student is a separate UNet copy (base + the active LoRAs folded in) with
     its own AdamW over every UNet parameter, at t = 800; the shared base (teacher) is not touched."""
     from training.config import StageConfig
-    from training.score_distill import generator_timestep, PARAMS as DMD_PARAMS
-    from training.stages import load_stage_module
+    from training.stages import get_stage
+    from training.stages.score_distill import generator_timestep
 
     ctx, stages, params, batch = harness
-    module = load_stage_module("score_distill")
+    module = get_stage("score_distill")
     stage = StageConfig(type="score_distill", segments=1, steps=6,
                         params={**PARAMS["score_distill"], "mode": "full", "lr": 1e-4})
-    assert generator_timestep({**DMD_PARAMS, **stage.params}) == 800
+    assert generator_timestep(module.resolved(stage)) == 800
     ctx.adapters.use(["default", "feedback"], [])
     ctx.state, ctx.step, ctx.stage_start, ctx.stage_index = {}, 0, 0, 0
     ctx.persistent.pop("full_unet", None), ctx.persistent.pop("full_opt", None)
     for p in ctx.unet.parameters():
         p.grad = None
     base_before = {k: v.clone() for k, v in ctx.unet.state_dict().items()}
-    module.setup(ctx, stage)
+    own = module.setup(ctx, stage)
     full, opt = ctx.persistent["full_unet"], ctx.persistent["full_opt"]
-    assert ctx.student is full and not any(".lora_" in n for n, _ in full.named_parameters())
+    ctx.student = own.model  # as the engine does
+    assert own.model is full and own.optimizer is opt and not any(".lora_" in n for n, _ in full.named_parameters())
     n_full = sum(p.numel() for p in full.parameters())
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_full
     x, t = batch["noise"], torch.tensor([800, 800])
@@ -150,7 +151,7 @@ def test_full_unet_score_distill_lowers_its_own_loss_and_leaves_the_teacher_alon
     own = []
     for step in range(stage.steps):
         ctx.step = step
-        loss, logs = module.stage_loss(ctx, batch, stage)
+        loss, logs = module.loss(ctx, batch, stage)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         assert all(p.grad is None for n, p in ctx.unet.named_parameters() if "lora_" not in n)
@@ -162,3 +163,21 @@ def test_full_unet_score_distill_lowers_its_own_loss_and_leaves_the_teacher_alon
     changed = [k for k in base_before if "lora_" not in k and not torch.equal(base_before[k], after[k])]
     assert not changed, f"the teacher's base weights changed: {changed[:3]}"
     ctx.persistent.pop("full_unet"), ctx.persistent.pop("full_opt")
+
+
+def test_score_distill_two_time_scale_update(harness):
+    """gen_every 3: the fake score trains every step, the generator (a loss for the engine) every 3rd."""
+    from training.config import StageConfig
+    from training.stages import get_stage
+
+    ctx, stages, params, batch = harness
+    module = get_stage("score_distill")
+    stage = StageConfig(type="score_distill", segments=1, steps=4, params={**PARAMS["score_distill"], "gen_every": 3})
+    ctx.adapters.use(["default", "feedback", "dmd"], ["dmd"])
+    ctx.state, ctx.stage_start, ctx.stage_index = {}, 0, 0
+    got = []
+    for step in range(4):
+        ctx.step = step
+        loss, logs = module.loss(ctx, batch, stage)
+        got.append((loss is not None, "dmd_loss" in logs, "fake_loss" in logs))
+    assert got == [(True, True, True), (False, False, True), (False, False, True), (True, True, True)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.rewards import AestheticMLP, RewardModel, RewardUnavailable, TinyReward, build_reward
+from training.models.rewards import AestheticMLP, RewardModel, RewardUnavailable, TinyReward, build_reward
 
 
 def test_tiny_reward_is_a_differentiable_reward_model_and_loads_from_file(tmp_path):
@@ -33,4 +33,4 @@ def test_errors_name_the_fix(tmp_path):
         build_reward("imagereward")
     with pytest.raises(ValueError, match="cannot import"):
         build_reward("no_such_module_xyz:score")
-    assert build_reward("training.rewards:TinyReward")(torch.zeros(1, 3, 8, 8)).shape == (1,)
+    assert build_reward("training.models.rewards:TinyReward")(torch.zeros(1, 3, 8, 8)).shape == (1,)

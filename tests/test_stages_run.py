@@ -68,7 +68,7 @@ def test_one_command_runs_every_stage_type(pipeline):
 
 
 def test_unified_lora_equals_sum_of_stage_deltas(pipeline):
-    from training.merge import load_kohya
+    from training.lora_files.kohya import load_kohya
 
     unified = load_kohya(str(pipeline / "hyper_sd_lora.safetensors"))
     stages = [load_kohya(str(p)) for p in sorted((pipeline / "stages").iterdir())]
@@ -84,7 +84,7 @@ def test_unified_lora_equals_sum_of_stage_deltas(pipeline):
 def _tiny_pipe(out):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from training import tiny
+    from training.models import tiny
 
     state = load_file(str(out / "tiny_teacher.safetensors"))
     unet = tiny.tiny_unet()
@@ -98,7 +98,8 @@ def test_unified_lora_loads_in_diffusers_and_reproduces_the_student(pipeline):
     """diffusers load_lora_weights(unified) == the teacher with every stage LoRA folded in (the student)."""
     import copy
 
-    from training.merge import fold_kohya_into, load_kohya
+    from training.lora_files.kohya import load_kohya
+    from training.lora_files.peft_bridge import fold_kohya_into
 
     pipe = _tiny_pipe(pipeline)
     student = copy.deepcopy(pipe.unet)
@@ -190,7 +191,7 @@ def test_two_processes_match_one_for_every_stage_type(pipeline, tmp_path):
 
 def test_stage_alone_from_previous_output(pipeline, tmp_path):
     """feedback alone on top of the TSCD stage file of the pipeline run (model.init_lora)."""
-    from training.merge import load_kohya
+    from training.lora_files.kohya import load_kohya
 
     init = pipeline / "stages" / "1_tscd.safetensors"
     out = tmp_path / "feedback_only"

@@ -52,9 +52,10 @@ def test_cached_text_sdxl_matches_encode_prompts():
     sample's sizes); dropped captions get encode("")."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from training import tiny
-    from training.models import Base, encode_prompts, text_embeddings
-    from training.train_cache import CachedText
+    from training.models import tiny
+    from training.models.base import Base
+    from training.models.text import encode_prompts, text_embeddings
+    from training.data.run_cache import CachedText
 
     torch.manual_seed(0)
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(

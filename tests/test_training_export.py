@@ -2,9 +2,9 @@
 import torch
 from safetensors import safe_open
 
-from training import tiny
-from training.export import export_lora, kohya_state_dict
-from training.lora import add_lora
+from training.models import tiny
+from training.lora_files.export import adapter_state_dict, export_lora
+from training.models.adapters import add_adapter
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
            "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
@@ -12,7 +12,7 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.
 
 def _student(rank=4, alpha=2.0):
     unet = tiny.tiny_unet()
-    params = add_lora(unet, rank, alpha, TARGETS)
+    params = add_adapter(unet, "default", rank, alpha, TARGETS, trainable=True)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in params:  # lora_B starts at zero: give every layer a visible effect
@@ -22,7 +22,7 @@ def _student(rank=4, alpha=2.0):
 
 def test_kohya_keys_and_true_alpha(tmp_path):
     unet = _student(rank=4, alpha=2.0)
-    sd = kohya_state_dict(unet)
+    sd = adapter_state_dict(unet)
     alphas = [k for k in sd if k.endswith(".alpha")]
     assert alphas and all(float(sd[k]) == 2.0 for k in alphas)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd

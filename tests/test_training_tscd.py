@@ -5,11 +5,12 @@ import contextlib
 import pytest
 import torch
 
-from training import tiny
+from training.models import tiny
 from training.config import load_config
-from training.models import scheduler_abar
-from training.stages import StageContext
-from training.tscd import DDIMGrid, ddim_point, to_x0_eps, tscd_loss
+from training.models.base import scheduler_abar
+from training.diffusion import DDIMGrid, ddim_point, to_x0_eps
+from training.stages.base import StageContext
+from training.stages.tscd import tscd_loss
 
 
 def test_grid_and_boundaries():
@@ -41,7 +42,7 @@ def _ctx(unet, cfg, pt="epsilon"):
     abar = scheduler_abar()
     return StageContext(accelerator=None, student=unet, unet=unet, vae=None, abar=abar,
                         grid=DDIMGrid(abar, cfg.tscd.num_ddim_timesteps), prediction_type=pt, cfg=cfg,
-                        encode_prompts=None, teacher=contextlib.nullcontext, target=contextlib.nullcontext)
+                        teacher=contextlib.nullcontext, target=contextlib.nullcontext)
 
 
 def _batch(cond, uncond, n=2):
@@ -60,17 +61,17 @@ def test_loss_zero_when_student_is_teacher_one_segment_per_step():
     uncond = {"encoder_hidden_states": torch.randn(1, 77, 32, generator=g)}
     stage = cfg.stages[0]
     stage.segments = 48
-    loss, _ = tscd_loss(_ctx(unet, cfg), _batch(cond, uncond), stage)
+    loss, _ = tscd_loss(_ctx(unet, cfg), _batch(cond, uncond), stage.segments)
     assert loss.item() < 1e-10
     cfg.tscd.w_min = cfg.tscd.w_max = 6.0
-    loss, _ = tscd_loss(_ctx(unet, cfg), _batch(cond, uncond), stage)
+    loss, _ = tscd_loss(_ctx(unet, cfg), _batch(cond, uncond), stage.segments)
     assert loss.item() > 1e-8
 
 
 def test_sdxl_conditioning_and_v_prediction_backprop():
     from diffusers import UNet2DConditionModel
 
-    from training.lora import add_lora
+    from training.models.adapters import add_adapter
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -78,14 +79,14 @@ def test_sdxl_conditioning_and_v_prediction_backprop():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-    params = add_lora(unet, 4, 4.0, ["to_q", "to_v", "conv1"])
+    params = add_adapter(unet, "default", 4, 4.0, ["to_q", "to_v", "conv1"], trainable=True)
     cfg = load_config(None, ["tscd.w_min=2", "tscd.w_max=5"])
     g = torch.Generator().manual_seed(2)
     def kw(n):
         return {"encoder_hidden_states": torch.randn(n, 77, 64, generator=g),
                 "added_cond_kwargs": {"text_embeds": torch.randn(n, 32, generator=g),
                                       "time_ids": torch.tensor([[1024., 1024, 0, 0, 1024, 1024]]).expand(n, 6)}}
-    loss, logs = tscd_loss(_ctx(unet, cfg, "v_prediction"), _batch(kw(2), kw(1)), cfg.stages[0])
+    loss, _ = tscd_loss(_ctx(unet, cfg, "v_prediction"), _batch(kw(2), kw(1)), cfg.stages[0].segments)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)

@@ -9,11 +9,10 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
-
-class ConfigError(ValueError):
-    pass
+from training.errors import ConfigError, DataError
+from training.models.adapters import UNET_LORA_TARGETS
 
 
 @dataclass
@@ -23,7 +22,7 @@ class ModelConfig:
     prediction_type: str = "auto"  # auto | epsilon | v_prediction
     single_file_config: str = ""  # local diffusers config folder for single-file checkpoints
     revision: str = ""
-    tiny_pretrain_steps: int = 200  # tiny teacher: denoising pre-training steps (see tiny.py)
+    tiny_pretrain_steps: int = 200  # tiny teacher: denoising pre-training steps (models/tiny.py)
     tiny_vae_steps: int = 100
     init_lora: str = ""           # kohya LoRA of a previous run: a frozen base under every stage here
 
@@ -35,16 +34,14 @@ class DataConfig:
     num_generated: int = 64
     caption_dropout: float = 0.0
     cache_dir: str = ""           # "" = off; else precomputed VAE latents + text embeddings (docs/data.md)
-    extra: dict = field(default_factory=dict)  # passed through to training.data.build_dataset
+    extra: dict = field(default_factory=dict)  # data.DatasetOptions keys (bucketing, center_crop, ...)
 
 
 @dataclass
 class LoRAConfig:
     rank: int = 8
     alpha: float = 8.0
-    targets: list = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-        "conv1", "conv2", "conv_shortcut", "time_emb_proj"])
+    targets: list = field(default_factory=lambda: list(UNET_LORA_TARGETS))
 
 
 @dataclass
@@ -238,7 +235,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"config key 'optim.betas': expected two numbers in [0, 1), got {cfg.optim.betas}")
     if not cfg.lora.targets:
         raise ConfigError("config key 'lora.targets': need at least one target module name")
-    from .stages import known_stage_types
+    from training.stages import known_stage_types
     for i, s in enumerate(cfg.stages):
         if s.type not in known_stage_types():
             near = difflib.get_close_matches(s.type, known_stage_types(), n=1)
@@ -252,13 +249,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if s.weight <= 0:
             raise ConfigError(f"config key 'stages[{i}].weight': must be > 0, got {s.weight}")
     _validate_stage_plan(cfg)
-    from .data import DataConfig as _DataConfig, DataError
-    try:
-        _DataConfig.from_dict(dataclasses.asdict(cfg.data))
-    except DataError as e:
-        raise ConfigError(str(e)) from e
-    from .train_cache import check_cache_config
-    check_cache_config(cfg.data)
+    _validate_data(cfg.data)
     if t.num_ddim_timesteps > 1000:
         raise ConfigError("config key 'tscd.num_ddim_timesteps': must be <= 1000")
     if cfg.output.checkpoint_every < 1:
@@ -271,10 +262,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 def _validate_stage_plan(cfg):
     """Stage order, per-type params (unknown keys suggest the nearest), reward names, weights files."""
-    import importlib
-
-    from .merge import validate_stage_plan
-    from .stages import STAGE_MODULES
+    from training.stages import get_stage, validate_stage_plan
 
     m = cfg.model
     if m.init_lora and not os.path.isfile(m.init_lora):
@@ -284,17 +272,53 @@ def _validate_stage_plan(cfg):
     try:
         validate_stage_plan(cfg.stages, m.init_lora)
         for i, s in enumerate(cfg.stages):
-            module = importlib.import_module(STAGE_MODULES[s.type])
-            defaults = getattr(module, "PARAMS", {})
+            stage_type = get_stage(s.type)
             for key in s.params:
-                if key not in defaults:
-                    raise _unknown(f"stages[{i}].params.{key}", list(defaults) or ["(none)"])
-            if hasattr(module, "check_params"):
-                module.check_params({**defaults, **s.params}, s, f"stages[{i}].params")
+                if key not in stage_type.params:
+                    raise _unknown(f"stages[{i}].params.{key}", list(stage_type.params) or ["(none)"])
+            stage_type.check_params(stage_type.resolved(s), s, f"stages[{i}].params")
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    _validate_full_unet_plan(cfg)
+
+
+def _validate_full_unet_plan(cfg):
+    """score_distill mode full: the limits of that mode."""
+    from training.stages import plan_groups
+    from training.stages.score_distill import is_full
+
+    full = next((i for i, s in enumerate(cfg.stages) if is_full(s)), None)
+    if full is None:
+        return
+    if plan_groups(cfg.stages) == ["score_distill"]:
+        raise ConfigError(f"config key 'stages[{full}].params.mode': 'full' needs an earlier tscd / adversarial / "
+                          "feedback stage in the same run (the loop's LoRA optimizer would be empty); "
+                          "use mode 'lora' for score distillation alone on model.init_lora")
+    if cfg.optim.mixed_precision == "fp16":
+        raise ConfigError(f"config key 'stages[{full}].params.mode': 'full' steps its own optimizer outside "
+                          "accelerate's fp16 grad scaler; set optim.mixed_precision to no or bf16")
+
+
+def _validate_data(data_cfg):
+    """The data section as the dataset builder reads it; data.cache_dir needs deterministic preprocessing
+    (cached latents cannot be re-augmented)."""
+    from training.data import DatasetOptions
+
+    try:
+        DatasetOptions.from_dict(dataclasses.asdict(data_cfg))
+    except DataError as e:
+        raise ConfigError(str(e)) from e
+    if not data_cfg.cache_dir:
+        return
+    extra = data_cfg.extra or {}
+    if extra.get("random_flip", False):
+        raise ConfigError("config key 'data.cache_dir' needs deterministic preprocessing, but "
+                          "'data.extra.random_flip' is true: set it to false or leave data.cache_dir empty")
+    if not extra.get("center_crop", True):
+        raise ConfigError("config key 'data.cache_dir' needs deterministic preprocessing, but "
+                          "'data.extra.center_crop' is false: set it to true or leave data.cache_dir empty")
 
 
 def _get(cfg, key):

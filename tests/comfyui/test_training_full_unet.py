@@ -1,4 +1,4 @@
-"""The 1-step UNet that `score_distill` mode full exports (training.score_distill.export_full_unet, a
+"""The 1-step UNet that `score_distill` mode full exports (training.lora_files.export.export_full_unet, a
 diffusers-layout state dict) in real ComfyUI 0.3.64, run in ComfyUI's own interpreter.
 
 1. Full-size shapes: ComfyUI's diffusers-UNet detection (`model_detection.model_config_from_diffusers_unet`,
@@ -77,7 +77,7 @@ def _shapes(config):
 
 
 def test_exported_1step_unet_is_detected_and_loads_in_comfyui(comfyui_path, comfyui_python, tiny_models, tmp_path):
-    from training.score_distill import export_full_unet, full_unet_metadata
+    from training.lora_files.export import export_full_unet, full_unet_metadata
 
     unet = _sd15_shaped_unet().eval()
     with torch.no_grad():

@@ -63,21 +63,21 @@ def _run_in_comfyui(comfy_server, tiny_models, lora_path, n_modules: int) -> Non
 
 def test_trained_lora_loads_every_key_in_comfyui(comfy_server, tiny_models, tmp_path):
     from training.config import LoRAConfig
-    from training.export import export_lora, kohya_state_dict
-    from training.lora import add_lora
+    from training.lora_files.export import adapter_state_dict, export_lora
+    from training.models.adapters import add_adapter
 
     unet = _sd15_shaped_unet()
     shapes = SD15_UNET.diffusers_modules()
     mods = dict(unet.named_modules())
     for path, shape in shapes.items():  # same module tree as the ComfyUI checkpoint
         assert tuple(mods[path].weight.shape) == shape, path
-    params = add_lora(unet, 4, 2.0, LoRAConfig().targets)
+    params = add_adapter(unet, "default", 4, 2.0, LoRAConfig().targets, trainable=True)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.01)
     lora_path = tmp_path / "trained-sd15.safetensors"
     export_lora(unet, str(lora_path), {"hypersd.base_family": "sd15"})
-    n_modules = sum(k.endswith(".alpha") for k in kohya_state_dict(unet))
+    n_modules = sum(k.endswith(".alpha") for k in adapter_state_dict(unet))
     assert n_modules >= 20
 
     _run_in_comfyui(comfy_server, tiny_models, lora_path, n_modules)
@@ -89,20 +89,21 @@ def test_unified_stage_lora_loads_every_key_in_comfyui(comfy_server, tiny_models
     from safetensors.torch import load_file
 
     from training.config import load_config
-    from training.lora import add_lora, add_named_lora
-    from training.run import export_stages_and_merge
+    from training.lora_files.export import export_stages_and_merge
+    from training.models.adapters import add_adapter
 
     cfg = load_config(None, ["lora.rank=4", "lora.alpha=2"])
     unet = _sd15_shaped_unet()
-    params = add_lora(unet, 4, 2.0, cfg.lora.targets)
-    params += add_named_lora(unet, "feedback", 4, 2.0, cfg.lora.targets)
-    params += add_named_lora(unet, "dmd", 4, 2.0, cfg.lora.targets)
+    params = add_adapter(unet, "default", 4, 2.0, cfg.lora.targets, trainable=True)
+    params += add_adapter(unet, "feedback", 4, 2.0, cfg.lora.targets)
+    params += add_adapter(unet, "dmd", 4, 2.0, cfg.lora.targets)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.01)
     lora_path = tmp_path / "unified-sd15.safetensors"
-    report = export_stages_and_merge(cfg, unet, str(tmp_path), str(lora_path), {"hypersd.base_family": "sd15"},
-                                     ["tscd", "feedback", "score_distill"], 0)
+    groups = [("tscd", "default"), ("feedback", "feedback"), ("score_distill", "dmd")]
+    report = export_stages_and_merge(unet, str(tmp_path), str(lora_path), {"hypersd.base_family": "sd15"}, groups,
+                                     cfg.output.merge_rank, cfg.lora.rank)
     assert report["rank"] == 12 and report["rel_error"] < 1e-6
     n_modules = sum(k.endswith(".alpha") for k in load_file(str(lora_path)))
     assert n_modules >= 20

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.data_sources import DataError
+from training.errors import DataError
 
 INDEX = "index.json"
 SAMPLE_FIELDS = ("original_size", "crop_top_left", "target_size")

@@ -1,8 +1,9 @@
-"""Training data for the Hyper-SD trainer: sources, preprocessing, buckets, sampler, cache.
+"""Training data: sources (sources.py), preprocessing and buckets (image.py), the sampler (sampler.py),
+the latent/text cache (cache.py) and its use by a run (run_cache.py).
 
 Interface (all importable from `training.data`):
 
-    cfg = DataConfig.from_dict(config["data"])          # unknown/invalid keys -> DataError naming data.<key>
+    cfg = DatasetOptions.from_dict(config["data"])      # unknown/invalid keys -> DataError naming data.<key>
     ds = build_dataset(cfg)                             # ImageCaptionDataset
     ds.stats                                            # {"num_found", "num_ok", "num_unreadable",
                                                         #  "unreadable_files", "num_missing_captions", "num_buckets"}
@@ -34,13 +35,14 @@ from typing import Optional
 
 import torch
 
-from training.data_cache import CachedDataset, build_cache
-from training.data_image import make_buckets, nearest_bucket, preprocess
-from training.data_sampler import BucketBatchSampler
-from training.data_sources import (DataError, Record, folder_records, generated_records,
+from training.errors import DataError
+from training.data.cache import CachedDataset, build_cache
+from training.data.image import make_buckets, nearest_bucket, preprocess
+from training.data.sampler import BucketBatchSampler
+from training.data.sources import (Record, folder_records, generated_records,
                                    jsonl_records, scan_records)
 
-__all__ = ["DataConfig", "DataError", "ImageCaptionDataset", "CachedDataset", "BucketBatchSampler",
+__all__ = ["DatasetOptions", "DataError", "ImageCaptionDataset", "CachedDataset", "BucketBatchSampler",
            "build_dataset", "build_cache", "make_dataloader", "set_epoch", "collate",
            "make_buckets", "Record"]
 
@@ -49,7 +51,7 @@ TRAINER_KEYS = ("caption_dropout", "num_workers", "cache_dir")   # used by the t
 
 
 @dataclass
-class DataConfig:
+class DatasetOptions:
     source: str = "generated"        # "generated" | "folder" | "jsonl"
     path: Optional[str] = None       # folder (source=folder) or manifest file (source=jsonl)
     recursive: bool = False          # folder: also look in sub-folders
@@ -65,9 +67,10 @@ class DataConfig:
     path_key: str = "data.path"      # config key named in path errors
 
     @classmethod
-    def from_dict(cls, d: Optional[dict]) -> "DataConfig":
-        """Also accepts training/config.py's data section: `source` may be a folder or a .jsonl
-        path, `num_generated` means num_images, `extra` is merged in, trainer-only keys ignored."""
+    def from_dict(cls, d: Optional[dict]) -> "DatasetOptions":
+        """From a dict of these fields or of the trainer config's data section (config.DataConfig):
+        `source` may be a folder or a .jsonl path, `num_generated` means num_images, `extra` is merged
+        in, trainer-only keys are ignored."""
         d = dict(d or {})
         d.update(d.pop("extra", None) or {})
         for k in TRAINER_KEYS:
@@ -125,11 +128,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(cfg) -> ImageCaptionDataset:
-    """DataConfig, dict or any dataclass (the config's "data" section) -> dataset; warns about
+    """DatasetOptions, dict or any dataclass (the config's "data" section) -> dataset; warns about
     unreadable files."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, DataConfig):
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, DatasetOptions):  # the config's data section
         cfg = dataclasses.asdict(cfg)
-    cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
+    cfg = cfg if isinstance(cfg, DatasetOptions) else DatasetOptions.from_dict(cfg)
     missing = 0
     if cfg.source == "generated":
         records = generated_records(cfg.num_images, cfg.image_size or cfg.resolution, cfg.seed)

@@ -1,4 +1,5 @@
-"""Adversarial term for TSCD: a discriminator on frozen teacher-UNet features (SDXL-Lightning style).
+"""The adversarial stage: TSCD plus an adversarial term from a discriminator on frozen teacher-UNet
+features (SDXL-Lightning style).
 
 The frozen teacher encoder (down blocks + mid block) reads a noised sample at a timestep with its
 text condition; small trainable heads turn each feature map into per-pixel logits. Gradients flow
@@ -11,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.feedback import unet_kwargs
+from training.diffusion import abar_at, ddim_point, unet_kwargs
+from training.stages.base import U, Stage, stage_randn
+from training.stages.tscd import distance, student_boundary, tscd_targets
 
 DEFAULT_ADV_WEIGHTS = {8: 0.0, 4: 0.05, 2: 0.1, 1: 0.2}
 LOSSES = ("hinge", "non_saturating")
@@ -107,81 +110,64 @@ def adv_weight_for_segments(k: int, cfg: dict | None = None) -> float:
     return table[int(k)]
 
 
-def noise_to(x0, timestep, noise, alphas_cumprod) -> torch.Tensor:
-    """VP noising x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (both sides of D see the same t, noise)."""
-    abar = alphas_cumprod.to(x0.device)[timestep].to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+# --- the stage: TSCD loss + the adversarial generator term (docs/stages.md) -------------------------
 
+def discriminator_step(ctx, disc, opt, real, fake, t_d, cond, kind):
+    """One update of the discriminator (outside DDP: gradients averaged by hand); returns its loss."""
+    from training.distributed import all_reduce_grads
 
-# --- training.run plug-in: TSCD loss + adversarial generator term (see docs/stages.md) -------------
-
-PARAMS = {"enabled": True, "adv_weights": {str(k): v for k, v in DEFAULT_ADV_WEIGHTS.items()},
-          "loss": "hinge", "disc_lr": 1e-4, "t_max": 750}
-
-
-def check_params(p: dict, stage, key: str):
-    if p["loss"] not in LOSSES:
-        raise ValueError(f"config key '{key}.loss': {p['loss']!r} is not one of {list(LOSSES)}")
-    try:
-        adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"config key '{key}.adv_weights': {e}") from None
-    if not 0 < int(p["t_max"]) < 1000:
-        raise ValueError(f"config key '{key}.t_max': must be in 1..999, got {p['t_max']}")
-
-
-def build_persistent(unet, stages, cfg) -> dict:
-    """One discriminator (and its optimizer) for all adversarial stages; checkpointed by training.run."""
-    from training.stages import stage_params
-
-    lr = float(stage_params(stages[0], PARAMS)["disc_lr"])
-    disc = Discriminator(unet, freeze=False).to(unet.device)
-    return {"disc": disc, "disc_opt": torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.99))}
-
-
-def _extra_noise(ctx, like):
-    """Fresh noise for the discriminator's re-noising: this process's slice of a global draw from
-    (seed, step) (resume-exact, the same for any process count)."""
-    from training.stages import global_randn
-
-    return global_randn(ctx, like, 3)
-
-
-def stage_loss(ctx, batch, stage):
-    from training.stages import stage_params
-    from training.tscd import ddim_point, distance, to_x0_eps, tscd_targets
-
-    p = stage_params(stage, PARAMS)
-    w = adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
-    x_j, t_j, j, b, target = tscd_targets(ctx, batch, stage.segments)
-    out = ctx.student(x_j, t_j, **batch["cond"]).sample
-    x0_s, eps_s = to_x0_eps(out, x_j, ctx.grid.abar[j], ctx.prediction_type)
-    tl = distance(ddim_point(x0_s, eps_s, ctx.grid.abar[b]), target, ctx.cfg.tscd.loss, ctx.cfg.tscd.huber_c)
-    if w == 0:
-        return tl, {"tscd_loss": float(tl.detach())}
-    disc, dopt = ctx.persistent["disc"], ctx.persistent["disc_opt"]
-    cond = batch["cond"]
-    # D sees real latents and the student's x0 re-noised to the same (t, noise)
-    t_d = (batch["u"][:, 3] * int(p["t_max"])).long()
-    noise = _extra_noise(ctx, batch["latents"])
-    real = noise_to(batch["latents"], t_d, noise, ctx.abar)
-    fake = noise_to(x0_s.to(noise.dtype), t_d, noise, ctx.abar)
     with ctx.teacher():
-        d_loss = discriminator_loss(disc(real, t_d, cond), disc(fake.detach(), t_d, cond), p["loss"])
-    dopt.zero_grad(set_to_none=True)
+        d_loss = discriminator_loss(disc(real, t_d, cond), disc(fake.detach(), t_d, cond), kind)
+    opt.zero_grad(set_to_none=True)
     d_loss.backward()
-    _all_reduce_grads(ctx.accelerator, disc.parameters())
-    dopt.step()
-    dopt.zero_grad(set_to_none=True)
-    with ctx.teacher():
-        g_loss = generator_adv_loss(disc(fake, t_d, cond), p["loss"])
-    return tl + w * g_loss, {"tscd_loss": float(tl.detach()), "adv_g": float(g_loss.detach()),
-                             "adv_d": float(d_loss.detach()), "adv_weight": w}
+    all_reduce_grads(ctx.accelerator, disc.parameters())
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return d_loss
 
 
-def _all_reduce_grads(accelerator, params):
-    """A stage-owned network is not DDP-wrapped: average its gradients over processes by hand."""
-    if accelerator.num_processes > 1:
-        for q in params:
-            if q.grad is not None:
-                q.grad = accelerator.reduce(q.grad, "mean")
+class Adversarial(Stage):
+    name = "adversarial"
+    params = {"enabled": True, "adv_weights": {str(k): v for k, v in DEFAULT_ADV_WEIGHTS.items()},
+              "loss": "hinge", "disc_lr": 1e-4, "t_max": 750}
+
+    def check_params(self, p, stage, key):
+        if p["loss"] not in LOSSES:
+            raise ValueError(f"config key '{key}.loss': {p['loss']!r} is not one of {list(LOSSES)}")
+        try:
+            adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"config key '{key}.adv_weights': {e}") from None
+        if not 0 < int(p["t_max"]) < 1000:
+            raise ValueError(f"config key '{key}.t_max': must be in 1..999, got {p['t_max']}")
+
+    def build_persistent(self, unet, stages, cfg):
+        """One discriminator (and its optimizer) for all adversarial stages; checkpointed by the engine."""
+        lr = float(self.resolved(stages[0])["disc_lr"])
+        disc = Discriminator(unet, freeze=False).to(unet.device)
+        return {"disc": disc, "disc_opt": torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.99))}
+
+    def loss(self, ctx, batch, stage):
+        p = self.resolved(stage)
+        w = adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
+        x_j, t_j, j, b, target = tscd_targets(ctx, batch, stage.segments)
+        pred, x0_s = student_boundary(ctx, batch, x_j, t_j, j, b)
+        tl = distance(pred, target, ctx.cfg.tscd.loss, ctx.cfg.tscd.huber_c)
+        if w == 0:
+            return tl, {"tscd_loss": float(tl.detach())}
+        cond = batch["cond"]
+        # D sees real latents and the student's x0 re-noised to the same (t, noise)
+        t_d = (batch["u"][:, U["adv_t"]] * int(p["t_max"])).long()
+        noise = stage_randn(ctx, batch["latents"], 3)
+        real = ddim_point(batch["latents"], noise, abar_at(ctx.abar, t_d, batch["latents"]))
+        x0_s = x0_s.to(noise.dtype)
+        fake = ddim_point(x0_s, noise, abar_at(ctx.abar, t_d, x0_s))
+        d_loss = discriminator_step(ctx, ctx.persistent["disc"], ctx.persistent["disc_opt"], real, fake, t_d, cond,
+                                    p["loss"])
+        with ctx.teacher():
+            g_loss = generator_adv_loss(ctx.persistent["disc"](fake, t_d, cond), p["loss"])
+        return tl + w * g_loss, {"tscd_loss": float(tl.detach()), "adv_g": float(g_loss.detach()),
+                                 "adv_d": float(d_loss.detach()), "adv_weight": w}
+
+
+STAGE = Adversarial()

@@ -1,8 +1,8 @@
-"""`data.cache_dir`: the trainer's precomputed VAE latents + text embeddings (training/data_cache.py).
+"""`data.cache_dir`: the trainer's precomputed VAE latents + text embeddings (training/data/cache.py).
 
 Built on the main process before step 0 (the others wait, then only read), with the run's own VAE
-(latents = latent_dist.mean * scaling_factor, as `run.micro_batch` encodes them) and text encoder(s)
-(`models.text_embeddings`: prompt_embeds, and pooled_prompt_embeds for SDXL). Entries are keyed by
+(latents = latent_dist.mean * scaling_factor, as `engine.batches.micro_batch` encodes them) and text encoder(s)
+(`models.text.text_embeddings`: prompt_embeds, and pooled_prompt_embeds for SDXL). Entries are keyed by
 `encoder_id`, which fingerprints the VAE and text-encoder weights, so a retrained tiny teacher or a
 different base model re-encodes.
 """
@@ -12,22 +12,7 @@ import hashlib
 
 import torch
 
-from .config import ConfigError
-
 TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
-
-
-def check_cache_config(data_cfg) -> None:
-    """Cached latents cannot be re-augmented: data.cache_dir needs center crops and no flips."""
-    if not data_cfg.cache_dir:
-        return
-    extra = data_cfg.extra or {}
-    if extra.get("random_flip", False):
-        raise ConfigError("config key 'data.cache_dir' needs deterministic preprocessing, but "
-                          "'data.extra.random_flip' is true: set it to false or leave data.cache_dir empty")
-    if not extra.get("center_crop", True):
-        raise ConfigError("config key 'data.cache_dir' needs deterministic preprocessing, but "
-                          "'data.extra.center_crop' is false: set it to true or leave data.cache_dir empty")
 
 
 def fingerprint(modules, n: int = 4096) -> str:
@@ -48,8 +33,8 @@ def encoder_id(base) -> str:
 
 def build_run_cache(cfg, ds, base, device, accelerator):
     """Pixel dataset -> CachedDataset (encodes only what is missing); returns (dataset, stats)."""
-    from .data import build_cache
-    from .models import text_embeddings
+    from training.data.cache import build_cache
+    from training.models.text import text_embeddings
 
     vae = base.vae
 
@@ -74,7 +59,7 @@ def vae_latent_format(vae, pixels, device):
     so the UNet computes bit for bit what it computes on freshly encoded latents."""
     with torch.no_grad():
         px = torch.stack([pixels, pixels]).to(device, torch.float32)
-        lat = vae.encode(px).latent_dist.mean * vae.config.scaling_factor  # exactly as run.micro_batch
+        lat = vae.encode(px).latent_dist.mean * vae.config.scaling_factor  # exactly as engine.batches.micro_batch
     if lat.dim() == 4 and not lat.is_contiguous() and lat.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -84,7 +69,7 @@ class CachedText:
     """Turns a batch's cached embeddings into UNet kwargs; dropped captions get encode("") (computed once)."""
 
     def __init__(self, base, device, pixel_dataset=None):
-        from .models import text_embeddings
+        from training.models.text import text_embeddings
 
         self.base, self.device = base, device
         self.empty = text_embeddings(base, [""], device)   # each (1, ...)
@@ -93,13 +78,13 @@ class CachedText:
             self.latent_format = vae_latent_format(base.vae, pixel_dataset[0]["pixel_values"], device)
 
     def kwargs(self, embeds: dict, size_hw=None, crop_tl=None, target_hw=None):
-        from .models import embeds_to_unet_kwargs
+        from training.models.text import embeds_to_unet_kwargs
 
         return embeds_to_unet_kwargs(self.base, embeds, self.device, size_hw, crop_tl, target_hw)
 
     def cond_uncond(self, batch, keep, hw):
         """keep: bool (B,) = caption not dropped. Returns (cond, uncond) UNet kwargs."""
-        from .models import repeat_embeds
+        from training.models.text import repeat_embeds
 
         keep = torch.as_tensor(keep, device=self.device)
         uncond = repeat_embeds(self.empty, len(keep))

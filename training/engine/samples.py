@@ -48,15 +48,3 @@ def tcd_grid(unet, vae, base, encode, prompts, steps_list, eta, latent_shape, se
     P, S, C, H, W = cols.shape
     grid = cols.permute(0, 3, 1, 4, 2).reshape(P * H, S * W, C)
     return grid.numpy().astype(np.uint8)
-
-
-def save_png_atomic(array, path):
-    import os
-    import tempfile
-
-    from PIL import Image
-
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-
-class ModelError(ValueError):
-    pass
+from training.errors import ModelError
 
 
 @dataclass
@@ -22,23 +20,24 @@ class Base:
     family: str               # sd15 | sdxl
     prediction_type: str      # epsilon | v_prediction
     abar: torch.Tensor        # float64 alphas_cumprod
-    extra: dict = field(default_factory=dict)
+    text_fn: Callable = None  # optional (prompts, device) -> {"prompt_embeds"}: conditioning without CLIP
 
 
 def scheduler_abar(scheduler_config: dict | None = None) -> torch.Tensor:
-    from diffusers import DDPMScheduler
+    """float64 alphas_cumprod of a diffusers scheduler config (SD's scaled_linear by default)."""
+    from schedulers import scaled_linear_alphas_cumprod
 
     cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     cfg.update({k: v for k, v in (scheduler_config or {}).items() if k in cfg})
-    betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, cfg["num_train_timesteps"],
-                           dtype=torch.float64) ** 2
     if cfg["beta_schedule"] != "scaled_linear":
+        from diffusers import DDPMScheduler
+
         return DDPMScheduler(**cfg).alphas_cumprod.to(torch.float64)
-    return torch.cumprod(1 - betas, 0)
+    return scaled_linear_alphas_cumprod(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"])
 
 
 def build_tiny() -> Base:
-    from . import tiny
+    from training.models import tiny
 
     return Base(tiny.tiny_unet(), tiny.tiny_vae(), [tiny.tiny_text_encoder()], [tiny.tiny_tokenizer()],
                 "sd15", "epsilon", scheduler_abar())
@@ -121,49 +120,3 @@ def load_base(model_cfg) -> Base:
         return load_single_file(base, model_cfg.family, model_cfg.prediction_type, model_cfg.single_file_config)
     path = _resolve(base, model_cfg.revision)
     return load_diffusers_folder(path, model_cfg.family, model_cfg.prediction_type)
-
-
-def _tokenize(tokenizer, prompts, device):
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids.to(device)
-
-
-@torch.no_grad()
-def encode_prompts(base: Base, prompts: list[str], device, size_hw=None, crop_tl=None, target_hw=None):
-    """Prompts -> UNet kwargs. SD1.5: last hidden state. SDXL: penultimate states of both encoders
-    concatenated, pooled text_embeds from encoder 2 and time_ids (original size, crop, target size)."""
-    return embeds_to_unet_kwargs(base, text_embeddings(base, prompts, device), device, size_hw, crop_tl, target_hw)
-
-
-def repeat_embeds(embeds: dict, n: int) -> dict:
-    """(1, ...) embeddings (e.g. of the empty prompt, encoded once) repeated to a batch of n."""
-    return {k: v.expand(n, *v.shape[1:]).contiguous() for k, v in embeds.items()}
-
-
-@torch.no_grad()
-def text_embeddings(base: Base, prompts: list[str], device) -> dict:
-    """Prompts -> {"prompt_embeds"} (SD1.5) or {"prompt_embeds", "pooled_prompt_embeds"} (SDXL):
-    what the latent/text cache stores; `embeds_to_unet_kwargs` turns them into UNet kwargs."""
-    if base.family == "sd15":
-        te = base.text_encoders[0]
-        return {"prompt_embeds": te(_tokenize(base.tokenizers[0], prompts, device))[0]}
-    states, pooled = [], None
-    for te, tok in zip(base.text_encoders, base.tokenizers):
-        out = te(_tokenize(tok, prompts, device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
-    return {"prompt_embeds": torch.cat(states, -1), "pooled_prompt_embeds": pooled}
-
-
-def embeds_to_unet_kwargs(base: Base, embeds: dict, device, size_hw=None, crop_tl=None, target_hw=None) -> dict:
-    if base.family == "sd15":
-        return {"encoder_hidden_states": embeds["prompt_embeds"]}
-    pooled = embeds["pooled_prompt_embeds"]
-    n = len(pooled)
-
-    def col(v, default):
-        v = torch.as_tensor(default if v is None else v, device=device).reshape(-1, 2)
-        return v.expand(n, 2) if len(v) == 1 else v
-    time_ids = torch.cat([col(size_hw, (1024, 1024)), col(crop_tl, (0, 0)), col(target_hw, (1024, 1024))], 1)
-    return {"encoder_hidden_states": embeds["prompt_embeds"],
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}}

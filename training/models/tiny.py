@@ -1,4 +1,4 @@
-"""Tiny built-in models and data for the default run and the tests (no downloads).
+"""Tiny built-in models for the default run and the tests (no downloads).
 
 The default run needs a teacher that means something, so `pretrain_tiny` briefly fits the tiny
 VAE (reconstruction) and the tiny UNet (epsilon denoising with 10% caption dropout, so CFG has an
@@ -11,11 +11,7 @@ import json
 import os
 import tempfile
 
-import numpy as np
 import torch
-
-COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle")
 
 
 def tiny_unet(sample_size=16, cross_attention_dim=32, prediction_type=None):
@@ -65,26 +61,6 @@ def tiny_text_encoder(hidden_size=32):
                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                             bos_token_id=512, eos_token_id=513, pad_token_id=513)
     return CLIPTextModel(config)
-
-
-def shapes_dataset(n=64, size=32, seed=0):
-    """Generated images: a coloured square or circle on a grey background, with a caption."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    images, captions = [], []
-    for _ in range(n):
-        color = list(COLORS)[rng.integers(len(COLORS))]
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        cx, cy = rng.integers(size // 4, 3 * size // 4, 2)
-        r = rng.integers(size // 6, size // 4)
-        mask = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r) if shape == "square" else \
-            (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-        img = np.full((size, size, 3), 128, np.uint8)
-        img[mask] = COLORS[color]
-        images.append(img)
-        captions.append(f"a {color} {shape}")
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, captions
 
 
 def pretrain_tiny(unet, vae, text_encoder, tokenizer, pixels, captions, abar, steps=300, vae_steps=200,

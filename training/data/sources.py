@@ -16,11 +16,9 @@ from typing import Callable, Optional
 
 from PIL import Image, ImageDraw, ImageOps
 
+from training.errors import DataError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class DataError(ValueError):
-    """A dataset problem the user must fix; the message names the config key or file."""
 
 
 @dataclass

@@ -85,7 +85,7 @@ def _flatten(name, obj, tensors, meta):
 
 def save_extra(folder, objects: dict):
     """Modules and optimizers a stage owns -> one safetensors file in the checkpoint folder."""
-    from .export import save_file_atomic
+    from training.files import save_file_atomic
 
     tensors, meta = {}, {}
     for name, obj in objects.items():

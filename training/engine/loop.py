@@ -1,0 +1,134 @@
+"""The training loop: switch stages at their boundaries, take optimizer steps, log and checkpoint."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from training.engine.batches import micro_batch
+from training.stages import GROUP_OF, get_stage
+from training.stages.base import StageContext
+
+
+@dataclass
+class ActiveStage:
+    index: int
+    stage: Any                   # config.StageConfig
+    plugin: Any                  # stages.base.Stage
+    ctx: StageContext
+    own: Any                     # stages.base.OwnStudent or None
+    params: list                 # what this stage trains (its group's adapter, or its own model)
+
+
+def stage_at(stages, step):
+    """(index, stage) in force at global step `step` (0-based)."""
+    end = 0
+    for i, s in enumerate(stages):
+        end += s.steps
+        if step < end:
+            return i, s
+    return len(stages) - 1, stages[-1]
+
+
+def stage_context(run, index: int, student) -> StageContext:
+    from training.diffusion import DDIMGrid
+
+    t, base = run.train, run.base
+    return StageContext(run.accelerator, student, t.unet, base.vae, base.abar,
+                        DDIMGrid(base.abar, run.cfg.tscd.num_ddim_timesteps), base.prediction_type, run.cfg,
+                        teacher=t.stack.disabled, target=t.ema.swapped, adapters=t.stack, persistent=t.persistent,
+                        resources=run.resources, stage_index=index,
+                        stage_start=sum(s.steps for s in run.cfg.stages[:index]), step=run.step)
+
+
+def start_stage(run, index, stage) -> ActiveStage:
+    """Switch adapters to the stage's group and build its context. DDP registered only the first group's
+    adapter: later groups call the plain module and average their gradients by hand (optimizer_step)."""
+    from training.engine.setup import adapters_for
+
+    t, group, plugin = run.train, GROUP_OF[stage.type], get_stage(stage.type)
+    t.stack.use(*adapters_for(group, t.groups, bool(t.init_rank)))
+    ctx = stage_context(run, index, t.student if group == t.groups[0] else t.unet)
+    own = plugin.setup(ctx, stage)
+    if own is not None:
+        ctx.student = own.model
+        if run.step > ctx.stage_start:
+            restore_own_student(run, own)
+    params = [q for g in own.optimizer.param_groups for q in g["params"]] if own is not None else t.params[group]
+    return ActiveStage(index, stage, plugin, ctx, own, params)
+
+
+def restore_own_student(run, own):
+    """Resumed inside a stage that trains its own model: the checkpoint holds the trained model + optimizer."""
+    from training.engine import checkpoint as ckpt
+
+    if not run.resume_dir:
+        raise RuntimeError("a stage with its own model is under way but there is no resume checkpoint")
+    ckpt.load_extra(run.resume_dir, dict(zip(own.keys, (own.model, own.optimizer))))
+
+
+def optimizer_step(run, active: ActiveStage):
+    """Accumulate grad_accum micro-batches, then one step of the LoRA optimizer (and the stage's own)."""
+    from training.distributed import all_reduce_grads
+
+    cfg, acc, t = run.cfg, run.accelerator, run.train
+    ga, stage = cfg.optim.grad_accum, active.stage
+    active.ctx.step = run.step
+    for micro in range(ga):
+        batch = micro_batch(run, run.step * ga + micro)
+        sync = acc.no_sync(t.student) if micro < ga - 1 else contextlib.nullcontext()
+        with sync, acc.autocast():
+            loss, logs = active.plugin.loss(active.ctx, batch, stage)
+            if loss is not None:  # None: this step only trained the stage's own helper (e.g. fake score)
+                acc.backward(loss * stage.weight / ga)
+    if acc.num_processes > 1 and GROUP_OF[stage.type] != t.groups[0]:
+        all_reduce_grads(acc, active.params)  # outside DDP: averaged by hand
+    if cfg.optim.max_grad_norm > 0:
+        clip = [p for g in t.groups for p in t.params[g]] if active.own is None else active.params
+        acc.clip_grad_norm_(clip, cfg.optim.max_grad_norm)
+    t.opt.step()
+    if active.own is not None:
+        active.own.optimizer.step()
+        active.own.optimizer.zero_grad(set_to_none=True)
+    t.lr_sched.step()
+    t.opt.zero_grad(set_to_none=True)
+    t.ema.update()
+    return loss, logs
+
+
+def record_step(run, logger, active, loss, logs):
+    run.step += 1
+    row = {"lr": run.train.lr_sched.get_last_lr()[0], **logs}
+    if loss is not None:
+        row["loss"] = loss_global = float(run.accelerator.reduce(loss.detach().float().reshape(1), "mean"))
+        run.losses.setdefault(active.index, []).append(loss_global)
+    run.logs.setdefault(active.index, []).append(logs)
+    s = active.stage
+    logger.log(run.step, f"stage {active.index + 1}/{len(run.cfg.stages)} {s.type} k={s.segments}", row)
+
+
+def train_stages(run, show_bar=True):
+    from training.engine import checkpoint as ckpt
+    from training.engine.progress import RunLogger
+
+    cfg = run.cfg
+    logger = RunLogger(run.out_dir, cfg.total_steps, run.step, enabled=run.accelerator.is_main_process,
+                       tensorboard=cfg.output.tensorboard, show_bar=show_bar)
+    active = None
+    run.train.student.train()
+    while run.step < cfg.total_steps:
+        index, stage = stage_at(cfg.stages, run.step)
+        if active is None or index != active.index:
+            active = start_stage(run, index, stage)
+        loss, logs = optimizer_step(run, active)
+        record_step(run, logger, active, loss, logs)
+        if run.step % cfg.output.checkpoint_every == 0 or run.step == cfg.total_steps:
+            ckpt.save_checkpoint(run.accelerator, run.out_dir, run.step, cfg.output.keep_checkpoints,
+                                 run.train.persistent)
+    logger.close()
+    run.train_seconds = time.time() - run.t_start
+    if run.full_stage is not None:
+        if "full_unet" not in run.train.persistent:  # resumed after the end: restore it from the checkpoint
+            start_stage(run, cfg.stages.index(run.full_stage), run.full_stage)
+        run.full_unet = run.train.persistent["full_unet"]

@@ -1,0 +1,44 @@
+"""Atomic writes: every file the trainer produces appears whole or not at all (temp file in the
+target folder, then os.replace). The only writers of safetensors, PNG and JSON outputs."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+
+@contextmanager
+def _temp_path(path: str, suffix: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_file_atomic(state: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors with string metadata."""
+    from safetensors.torch import save_file
+
+    with _temp_path(path, ".safetensors") as tmp:
+        meta = {k: str(v) for k, v in metadata.items()} if metadata else None
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
+
+
+def save_png_atomic(array, path: str) -> None:
+    from PIL import Image
+
+    with _temp_path(path, ".png") as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def save_json_atomic(obj, path: str) -> None:
+    with _temp_path(path, ".json") as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)

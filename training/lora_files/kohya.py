@@ -1,0 +1,74 @@
+"""Kohya-format LoRA files with the TRUE alpha per module (diffusers' convert_state_dict_to_kohya
+writes alpha = rank, wrong when lora_alpha != rank).
+
+A module is (down, up, alpha) with delta W = (alpha / rank) * up @ down, where a linear LoRA has
+down [r, in], up [out, r] and a conv LoRA has down [r, in, kh, kw], up [out, r, 1, 1].
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from training.files import save_file_atomic
+
+PREFIX = "lora_unet_"
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+
+
+@dataclass
+class LoraModule:
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """delta W in float64, shaped like the base weight ([out, in] or [out, in, kh, kw])."""
+        down, up = self.down.double(), self.up.double()
+        flat = up.reshape(up.shape[0], self.rank) @ down.reshape(self.rank, -1)
+        return (self.alpha / self.rank) * flat.reshape(up.shape[0], *down.shape[1:])
+
+
+def kohya_name(module_path: str) -> str:
+    """UNet module path (diffusers names) -> kohya module key."""
+    return PREFIX + module_path.replace(".", "_")
+
+
+def load_kohya(path: str) -> dict[str, LoraModule]:
+    """Read a kohya LoRA file -> {module key without suffix: LoraModule}; alpha defaults to rank."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    sd = load_file(path)
+    modules = {}
+    for key in sd:
+        if key.endswith(DOWN):
+            name = key[: -len(DOWN)]
+            if name + UP not in sd:
+                raise ValueError(f"{path}: {key} has no matching {name + UP}")
+            down, up = sd[key], sd[name + UP]
+            alpha = float(sd[name + ALPHA]) if name + ALPHA in sd else float(down.shape[0])
+            modules[name] = LoraModule(down, up, alpha)
+    if not modules:
+        raise ValueError(f"{path}: no kohya LoRA keys ('*{DOWN}') found")
+    return modules
+
+
+def modules_to_state_dict(modules: dict[str, LoraModule], dtype=torch.float32) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, m in modules.items():
+        sd[name + DOWN] = m.down.to(dtype).contiguous()
+        sd[name + UP] = m.up.to(dtype).contiguous()
+        sd[name + ALPHA] = torch.tensor(float(m.alpha), dtype=dtype)
+    return sd
+
+
+def save_kohya(path: str, modules: dict[str, LoraModule], metadata: dict | None = None, dtype=torch.float32):
+    """Atomic write of a kohya LoRA with the true alpha per module."""
+    save_file_atomic(modules_to_state_dict(modules, dtype), path, metadata)
