@@ -52,6 +52,19 @@ def caption(label) -> str:
     return f"a {ATTRIBUTES['color'][c]} {SHAPES[s]} at the {POSITIONS[p]}"
 
 
+CAPTIONS = {caption((c, s, p)): (c, s, p) for c in range(len(COLORS)) for s in range(len(SHAPES))
+            for p in range(len(POSITIONS))}
+
+
+def parse_caption(text: str) -> tuple[int, int, int] | None:
+    """Inverse of `caption`: the (colour, shape, position) labels; None for the empty prompt."""
+    if not text:
+        return None
+    if text not in CAPTIONS:
+        raise ValueError(f"not a shapes caption: {text!r} (expected e.g. {caption((0, 1, 2))!r} or '')")
+    return CAPTIONS[text]
+
+
 class TextEncoder:
     """Fixed random token table: caption -> (3 tokens, EMBED_DIM); the empty prompt is all zeros."""
 
@@ -66,3 +79,12 @@ class TextEncoder:
 
     def empty(self, n: int) -> torch.Tensor:
         return torch.zeros(n, 3, EMBED_DIM)
+
+    def captions(self, texts: list[str]) -> torch.Tensor:
+        """Caption strings -> embeddings; the empty prompt "" is the all-zero unconditional branch."""
+        out = self.empty(len(texts))
+        parsed = [parse_caption(t) for t in texts]
+        rows = [i for i, lab in enumerate(parsed) if lab is not None]
+        if rows:
+            out[rows] = self(torch.tensor([parsed[i] for i in rows]))
+        return out

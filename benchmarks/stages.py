@@ -1,134 +1,146 @@
-"""Later Hyper-SD stages on the quality benchmark's pixel-space students.
+"""The quality benchmark's rows trained by the product's training engine (`training.engine.run_training`).
 
-Thin adapters around the product's stage modules, used as they are:
+Every student is one engine run on the benchmark's pixel-space teacher; this module only adapts the
+benchmark's task to the engine's inputs, the stage code is the trainer's own (training/stages/):
 
-* feedback (ReFL): ``training.feedback.feedback_step`` with a reward that has ground truth: the
-  log-probability, under an attribute classifier, of the caption's colour, shape and position
-  (a miniature of human feedback). The reward classifier is trained on a different split and seed
-  than the evaluation classifier, so the metric is not the optimised function.
-* score distillation (DMD): ``training.score_distill.DMDStage`` in "lora" mode (1-step generator at
-  t = 999, fake score = teacher copy + its own LoRA, MSE regulariser to the teacher's multi-step
-  output from the same noise).
-
-Both start from the TSCD student with its LoRA folded into the weights (the stage's docstrings:
-"previous-stage LoRA folded in") and train only a fresh stage LoRA added by
-``training.merge.add_stage_lora``. The pixel-space task has no VAE: ``PixelVAE`` is the identity.
+* `pixel_base`: `models.base.Base` with the teacher UNet, an identity "VAE" (`PixelVAE`: pixels are the
+  latents, so the engine's latent size equals the image size) and `text_fn` = the benchmark's caption
+  embedding (`shapes.TextEncoder`; the empty prompt is the unconditional branch);
+* `ShapesDataset`: ground-truth images with their captions, {"pixel_values", "caption"} per sample;
+* `AttributeReward`: the feedback stage's reward through the product's reward interface
+  (`params.reward: "benchmarks.stages:AttributeReward"`, `params.reward_weights`: the cached reward
+  classifier): the mean log-probability of the caption's colour, shape and position;
+* `engine_config` / `train_run`: the run's `TrainConfig` (the benchmark's stage plan and budget) and
+  the run itself, cached: the run folder (the engine's LoRA files, metrics.json) is keyed by the config.
 """
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import shapes
-from schedulers import scaled_linear_alphas_cumprod
+
+REWARD = "benchmarks.stages:AttributeReward"
 
 
-class PixelVAE:
-    """Identity 'VAE' for pixel-space models (decode(x).sample == x)."""
+class PixelVAE(torch.nn.Module):
+    """Identity 'VAE' for pixel-space models: encode(px).latent_dist.mean == px, decode(x).sample == x."""
 
-    config = SimpleNamespace(scaling_factor=1.0, shift_factor=None)
+    def __init__(self):
+        super().__init__()
+        # one level: the engine's sample grid uses resolution // 2 ** (levels - 1) = the pixel size
+        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=None, block_out_channels=(3,))
+
+    def encode(self, px):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=px))
 
     def decode(self, x):
         return SimpleNamespace(sample=x)
 
 
-class AttributeReward:
-    """reward(images, labels) = mean over (colour, shape, position) of log p(caption's value | image)."""
+class ShapesDataset(torch.utils.data.Dataset):
+    """Ground-truth shape images (in [-1, 1]) with their captions; one bucket (every image is 16x16)."""
+
+    def __init__(self, labels: torch.Tensor, images: torch.Tensor):
+        self.labels, self.images = labels, images
+        self.bucket_ids = [0] * len(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "caption": shapes.caption(self.labels[i])}
+
+
+class AttributeReward(torch.nn.Module):
+    """reward(images, prompts) = mean over (colour, shape, position) of log p(caption's value | image)
+    under an attribute classifier loaded from `weights`; 0 for the empty prompt (no caption to match)."""
 
     input_range = (-1.0, 1.0)
 
-    def __init__(self, clf):
-        self.clf = clf.eval().requires_grad_(False)
+    def __init__(self, weights: str):
+        from safetensors.torch import load_file
 
-    def __call__(self, images, labels):
+        from benchmarks.models import Classifier
+
+        super().__init__()
+        self.clf = Classifier()
+        self.clf.load_state_dict(load_file(weights))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images, prompts):
+        parsed = [shapes.parse_caption(p) for p in prompts]
+        keep = torch.tensor([p is not None for p in parsed], device=images.device)
+        labels = torch.tensor([p or (0, 0, 0) for p in parsed], device=images.device)
         _, logits = self.clf(images)
         logp = [F.log_softmax(lg, 1).gather(1, labels[:, i:i + 1]).squeeze(1) for i, lg in enumerate(logits)]
-        return torch.stack(logp, 0).mean(0)
+        return torch.where(keep, torch.stack(logp, 0).mean(0), torch.zeros_like(logp[0]))
 
 
-def fused_copy(student, make_unet):
-    """A plain UNet whose weights are `student`'s base weights with its active LoRA merged in."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    s = copy.deepcopy(student)
-    s.enable_adapters()
-    for m in s.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.merge()
-    sd = {k.replace(".base_layer", ""): v for k, v in s.state_dict().items() if "lora_" not in k}
-    plain = make_unet()
-    plain.load_state_dict(sd)
-    plain.eval()
-    return plain
-
-
-def stage_unet(make_unet, adapter: str, rank: int):
-    """Structure of a cached stage student: plain UNet + one stage LoRA named `adapter`."""
-    from training.merge import add_stage_lora
+def pixel_base(teacher, make_unet, text: shapes.TextEncoder):
+    """A fresh copy of the teacher as the engine's base model (the engine adds its adapters to it)."""
+    from training.models.base import Base, scheduler_abar
 
     unet = make_unet()
-    add_stage_lora(unet, adapter, rank)
-    unet.requires_grad_(False)
-    unet.eval()
-    return unet
+    unet.load_state_dict(teacher.state_dict())
+    return Base(unet, PixelVAE(), [], [], "sd15", "epsilon", scheduler_abar(),
+                text_fn=lambda prompts, device: {"prompt_embeds": text.captions(list(prompts)).to(device)})
 
 
-def _prompts(task, gen, n):
-    labels = torch.stack([torch.randint(len(v), (n,), generator=gen) for v in shapes.ATTRIBUTES.values()], 1)
-    return labels, task.text(labels), task.text.empty(n)
+def engine_config(stages: list[dict], *, seed: int, rank: int, lr: float, batch: int, warmup: int,
+                  guidance: float, init_lora: str = ""):
+    """The run's TrainConfig: the product's defaults but for the benchmark's budget, LoRA rank, teacher CFG
+    (tscd.w_min = w_max) and pixel-space data; checkpoints only at the end."""
+    from training.config import load_config
+
+    prompts = [shapes.caption((0, 1, 0)), shapes.caption((2, 0, 3))]
+    sets = {"seed": seed, "model.base": "benchmarks.models:make_unet (pixel space)", "model.family": "sd15",
+            "model.prediction_type": "epsilon", "model.init_lora": init_lora, "data.resolution": shapes.SIZE,
+            "lora.rank": rank, "lora.alpha": rank, "tscd.w_min": guidance, "tscd.w_max": guidance,
+            "optim.lr": lr, "optim.weight_decay": 0.0, "optim.batch_size": batch,
+            "optim.warmup_steps": warmup,
+            "output.checkpoint_every": 10 ** 9, "output.keep_checkpoints": 1,
+            "output.sample_steps": json.dumps([1, 4]), "output.sample_prompts": json.dumps(prompts),
+            "stages": json.dumps(stages)}
+    return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
-def train_feedback(tscd_student, make_unet, reward, task, cfg: dict, seed: int, log=print):
-    """ReFL fine-tuning of the folded TSCD student; returns the UNet with its 'feedback' LoRA active."""
-    from training.feedback import feedback_step
-    from training.merge import add_stage_lora
+def run_key(cfg, cache_root: Path) -> str:
+    """Hash of the run's config; paths inside the cache (init LoRA, reward weights) count by their name
+    under the cache, so a moved cache still hits."""
+    from training.config import to_dict
 
-    unet = fused_copy(tscd_student, make_unet)
-    params = add_stage_lora(unet, "feedback", cfg["stage_rank"])
-    opt = torch.optim.AdamW(params, lr=cfg["feedback_lr"], weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    abar = scaled_linear_alphas_cumprod().float()
-    stage_cfg = {"steps": 4, "late_fraction": cfg["feedback_late_fraction"], "alpha": 0.0, "weight": 1.0}
-    vae = PixelVAE()
-    n = cfg["stage_steps"]
-    unet.train()
-    for step in range(n):
-        labels, cond, _ = _prompts(task, gen, cfg["distill_batch"])
-        noise = torch.randn(len(labels), 3, shapes.SIZE, shapes.SIZE, generator=gen)
-        stats = feedback_step(unet, vae, reward, opt, {"prompts": labels, "cond": cond, "noise": noise}, abar,
-                              stage_cfg, generator=gen)
-        if step % max(1, n // 4) == 0 or step == n - 1:
-            log(f"  feedback step {step + 1}/{n} loss {stats['feedback_loss']:.4f} reward {stats['reward']:.4f} "
-                f"t={stats['stop_t']}")
-    unet.eval()
-    return unet
+    tree = to_dict(cfg)
+    tree["output"]["dir"] = ""
+    text = json.dumps(tree, sort_keys=True).replace(str(cache_root), "<cache>")
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def train_dmd(tscd_student, teacher, make_unet, task, cfg: dict, seed: int, log=print):
-    """DMD (1-step, 'lora' mode) on the folded TSCD student; returns the UNet with its 'dmd' LoRA active."""
-    from training.score_distill import DMDStage, teacher_multistep_x0
+def train_run(cfg, run_id: str, cache: Path, make_base, dataset, log=print) -> tuple[Path, dict]:
+    """Run the engine into cache/<run_id>-<config hash>/ unless a finished run is there (its metrics.json,
+    written last); -> (run folder, metrics). make_base() builds the base model only when it trains."""
+    from training.engine import run_training
 
-    unet = fused_copy(tscd_student, make_unet)
-    frozen_teacher = copy.deepcopy(teacher).eval()
-    abar = scaled_linear_alphas_cumprod().float()
-    stage = DMDStage(unet, frozen_teacher, abar, {
-        "mode": "lora", "rank": cfg["stage_rank"], "lr": cfg["dmd_lr"], "fake_lr": cfg["dmd_lr"],
-        "guidance": cfg["guidance"], "gen_every": cfg["dmd_gen_every"], "reg_weight": cfg["dmd_reg_weight"],
-        "seed": seed})
-    gen = torch.Generator().manual_seed(seed)
-    n = cfg["stage_steps"]
-    unet.train()
-    stage.fake.train()
-    for step in range(n):
-        labels, cond, uncond = _prompts(task, gen, cfg["distill_batch"])
-        noise = torch.randn(len(labels), 3, shapes.SIZE, shapes.SIZE, generator=gen)
-        ref = teacher_multistep_x0(frozen_teacher, noise, cond, uncond, cfg["guidance"], abar,
-                                   steps=cfg["dmd_ref_steps"])
-        stats = stage.step({"cond": cond, "uncond": uncond, "noise": noise, "reference": ref})
-        if step % max(1, n // 4) == 0 or step == n - 1:
-            log("  dmd step {}/{} {}".format(step + 1, n, " ".join(f"{k} {v:.4f}" for k, v in stats.items())))
-    unet.eval()
-    return unet
+    out = cache / f"{run_id}-{run_key(cfg, cache)}"
+    cfg.output.dir = str(out)
+    metrics = out / "metrics.json"
+    if metrics.exists():
+        log(f"loaded {out}")
+        return out, json.loads(metrics.read_text())
+    plan = " -> ".join(f"{s.type} k={s.segments} x{s.steps}" for s in cfg.stages)
+    log(f"training {out.name}: {plan} (batch {cfg.optim.batch_size})")
+    run_training(cfg, overwrite=True, show_bar=False, base=make_base(), dataset=dataset)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the LoRA files are the cached model
+    result = json.loads(metrics.read_text())
+    for i, s in enumerate(result["stages"]):
+        log(f"  stage {i + 1} {s['type']} k={s['segments']}: loss {s['loss_start']:.4f} -> {s['loss_end']:.4f} "
+            + " ".join(f"{k} {v:.4f}" for k, v in s["logs_end"].items()))
+    log(f"  trained in {result['train_seconds']:.0f} s")
+    return out, result
