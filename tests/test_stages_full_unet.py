@@ -51,11 +51,11 @@ def test_full_run_writes_a_diffusers_unet_with_metadata(full_run):
     assert meta["hypersd.recommended_sampler"] == "HyperSDOneStepSampler"
     assert meta["hypersd.recommended_scheduler"] == "HyperSDOneStepScheduler"
     assert "conv_in.weight" in keys and not any("lora" in k for k in keys)
-    # samples.png: the TCD column(s) + one 1-step column at t = 800
+    # samples.png: the teacher column, the TCD column(s) + one 1-step column at t = 800, 128 px cells
     from PIL import Image
 
     img = Image.open(full_run / "samples.png")
-    assert img.size == (2 * 32, 32), img.size
+    assert img.size == (3 * 128, 30 + 14 + 128), img.size
 
 
 def test_diffusers_loads_the_exported_unet_and_reproduces_the_student(full_run):

@@ -133,3 +133,15 @@ def test_full_unet_export_is_a_loadable_diffusers_unet(tmp_path):
     assert all(torch.equal(sd[k].half(), v.half()) for k, v in unet.state_dict().items())
     with safe_open(path, "pt") as f:
         assert f.metadata()["hypersd.timestep"] == "800"
+
+
+def test_dmd_loss_is_mean_reduced_as_in_dmd2():
+    """loss = 0.5 * mean(grad^2) and d loss / d x0 = grad / numel: the step size does not grow with the
+    latent's size (a sum over C*H*W, as before, made it 1024x larger at 4x16x16)."""
+    teacher = tiny_unet(sample_size=8).requires_grad_(False)
+    cond, noise, t = fixed(1, 2, 5, 32), fixed(2, 2, 4, 8, 8), torch.tensor([300, 600])
+    x0 = (fixed(3, 2, 4, 8, 8) * 0.5).requires_grad_(True)
+    loss, grad = dm_loss(x0, teacher, teacher, cond, torch.zeros(2, 5, 32), 3.0, t, noise, ABAR)
+    assert abs(loss.item() - 0.5 * grad.pow(2).mean().item()) < 1e-6
+    loss.backward()
+    assert torch.allclose(x0.grad, grad / grad.numel(), atol=1e-9)

@@ -181,3 +181,64 @@ def test_score_distill_two_time_scale_update(harness):
         loss, logs = module.loss(ctx, batch, stage)
         got.append((loss is not None, "dmd_loss" in logs, "fake_loss" in logs))
     assert got == [(True, True, True), (False, False, True), (False, False, True), (True, True, True)]
+
+
+def test_adversarial_discriminator_learns_below_chance(harness):
+    """PCM-style pair (student boundary prediction vs consistency target, both diffused from the
+    boundary): the discriminator's hinge loss falls below its chance value 2.0 on a fixed batch."""
+    from training.config import StageConfig
+    from training.stages import get_stage
+
+    ctx, stages, params, batch = harness
+    module = get_stage("adversarial")
+    stage = StageConfig(type="adversarial", segments=2, steps=12)
+    ctx.adapters.use(["default"], ["default"])
+    ctx.state, ctx.stage_start, ctx.stage_index = {}, 0, 0
+    b = dict(batch, u=batch["u"].clone())
+    b["u"][:, 0] = 0.9  # j far from the boundary: the student's prediction and the target differ
+    d = []
+    for step in range(stage.steps):
+        ctx.step = step
+        _, logs = module.loss(ctx, b, stage)
+        d.append(logs["adv_d"])
+    print("adversarial D hinge loss:", " ".join(f"{v:.3f}" for v in d))
+    assert d[0] > 1.85 and sum(d[-3:]) / 3 < 1.8, d
+
+
+def test_feedback_regulariser_holds_the_student_near_the_previous_stage(harness):
+    """reg_weight ties the feedback LoRA's x0 to the earlier stages' x0 at the same x_t: after the same
+    steps on the same reward, the drift from the previous stage is smaller with it than without."""
+    from training.config import StageConfig
+    from training.stages import get_stage
+
+    ctx, stages, params, batch = harness
+    module = get_stage("feedback")
+    start = [p.detach().clone() for p in params["feedback"]]
+    fresh = {id(p): torch.zeros_like(p) if ".lora_B." in n else p.detach().clone()  # B = 0: a new stage
+             for n, p in ctx.unet.named_parameters() if ".feedback." in n}
+    drift = {}
+    for reg_weight in (0.0, 50.0):
+        with torch.no_grad():
+            for p in params["feedback"]:
+                p.copy_(fresh[id(p)])
+        stage = StageConfig(type="feedback", segments=1, steps=6,
+                            params={**PARAMS["feedback"], "reg_weight": reg_weight or 1e-9, "alpha": 10.0})
+        ctx.adapters.use(["default", "feedback"], ["feedback"])
+        ctx.state, ctx.step, ctx.stage_start, ctx.stage_index = {}, 0, 0, 0
+        module.setup(ctx, stage)
+        opt = torch.optim.Adam(params["feedback"], lr=3e-3)
+        logs = []
+        for _ in range(stage.steps):
+            loss, log = module.loss(ctx, batch, stage)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            logs.append(log)
+        assert logs[0]["feedback_reg"] == 0.0  # B = 0: the stage starts exactly at the previous one
+        stage_probe = StageConfig(type="feedback", segments=1, steps=1, params={**stage.params, "reg_weight": 1.0})
+        drift[reg_weight] = module.loss(ctx, batch, stage_probe)[1]["feedback_reg"]
+    print("feedback drift from the previous stage (MSE of x0):", drift)
+    assert drift[50.0] < 0.5 * drift[0.0], drift
+    with torch.no_grad():
+        for p, s in zip(params["feedback"], start):
+            p.copy_(s)

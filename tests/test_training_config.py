@@ -10,7 +10,7 @@ def test_defaults_valid():
     cfg = load_config()
     assert [(s.type, s.segments) for s in cfg.stages] == [
         ("tscd", 8), ("tscd", 4), ("adversarial", 2), ("adversarial", 1), ("feedback", 1), ("score_distill", 1)]
-    assert cfg.tscd.num_ddim_timesteps % 8 == 0
+    assert cfg.tscd.num_ddim_timesteps == 50
 
 
 def test_unknown_key_suggests_nearest():
@@ -31,7 +31,7 @@ def test_unknown_key_in_file(tmp_path):
     ("optim.lr=-1", "optim.lr"), ("optim.lr=abc", "optim.lr"), ("lora.rank=0", "lora.rank"),
     ("tscd.loss=l3", "tscd.loss"), ("tscd.ema_decay=1.5", "tscd.ema_decay"),
     ("tscd.w_min=9", "tscd.w_min"), ("optim.mixed_precision=fp8", "optim.mixed_precision"),
-    ("tscd.num_ddim_timesteps=50", "stages[0].segments"),
+    ("tscd.num_ddim_timesteps=48", "tscd.num_ddim_timesteps"), ("tscd.num_ddim_timesteps=40", "tscd.num_ddim_timesteps"),
     ('stages=[{"type": "tscdd", "segments": 8, "steps": 1}]', "stages[0].type"),
     ('stages=[{"segments": 8, "step": 1}]', "stages[0].step"),
     ("data.resolution=4", "data.resolution"),

@@ -60,7 +60,7 @@ def test_outputs(reference):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "k=1" in log[-1]["stage"]
     from PIL import Image
     img = Image.open(reference / "samples.png")
-    assert img.size == (2 * 32, 32)  # 1 prompt x (1, 2 steps), 32 px
+    assert img.size == (3 * 128, 30 + 14 + 128)  # labels + 1 prompt x (teacher, 1, 2 steps), 128 px cells
     # the LoRA moved away from its zero-B init
     assert max(v.abs().max().item() for k, v in lora.items() if "lora_up" in k) > 0
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from training.models import tiny
+from schedulers import tcd_timesteps
 from training.config import load_config
 from training.models.base import scheduler_abar
 from training.diffusion import DDIMGrid, ddim_point, to_x0_eps
@@ -15,15 +16,26 @@ from training.stages.tscd import tscd_loss
 
 def test_grid_and_boundaries():
     abar = scheduler_abar()
-    g = DDIMGrid(abar, 48)
-    assert g.timesteps[-1] == 999 and g.timesteps[0] == round(1000 / 48) - 1 and len(g.abar) == 49
+    g = DDIMGrid(abar, 50)
+    assert g.timesteps[-1] == 999 and g.timesteps[0] == 19 and len(g.abar) == 51
     assert g.abar[0] == 1 and torch.all(g.abar[1:] < g.abar[:-1])
-    j = torch.arange(1, 49)
-    assert torch.equal(g.boundary(j, 1), torch.zeros(48, dtype=torch.long))
-    b8 = g.boundary(j, 8)
-    assert b8[0] == 0 and b8[5] == 0 and b8[6] == 6 and b8[-1] == 42
-    assert torch.all(b8 < j) and torch.all(j - b8 <= 6)
-    assert torch.equal(g.boundary(j, 48), j - 1)
+    j = torch.arange(1, 51)
+    assert torch.equal(g.boundary(j, 1), torch.zeros(50, dtype=torch.long))
+    assert torch.equal(g.boundary(j, 50), j - 1)
+    for k in (1, 2, 4, 8):
+        b = g.boundary(j, k)
+        assert torch.all(b < j)
+        # the boundaries are exactly the timesteps the TCD sampler visits at k steps (and x0)
+        visited = {0} | {int(t) for t in g.timesteps[b[b > 0] - 1]}
+        assert visited == {0, *tcd_timesteps(k)[1:]}, (k, sorted(visited))
+    # a TCD step from t lands on the boundary the student was trained to map t to
+    t4 = tcd_timesteps(4)
+    for t, t_next in zip(t4, t4[1:] + [-1]):
+        jj = torch.tensor([(t + 1) // 20])
+        got = g.boundary(jj, 4)
+        assert (int(g.timesteps[got - 1]) if got > 0 else -1) == t_next
+    with pytest.raises(ValueError, match="does not divide"):
+        DDIMGrid(abar, 48).boundary(j[:48], 4)
 
 
 @pytest.mark.parametrize("pt", ["epsilon", "v_prediction"])

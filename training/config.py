@@ -46,12 +46,13 @@ class LoRAConfig:
 
 @dataclass
 class TSCDConfig:
-    num_ddim_timesteps: int = 48
+    num_ddim_timesteps: int = 50      # the TCD sampler's trailing grid (segment boundaries lie on it)
     w_min: float = 3.0
     w_max: float = 8.0
     loss: str = "huber"           # huber | l2
     huber_c: float = 0.001
     ema_decay: float = 0.95       # 0 = target from the student's own LoRA (stop-grad)
+    ema_restart: bool = False     # at each new TSCD stage, restart the EMA target from the live LoRA
 
 
 @dataclass
@@ -77,7 +78,9 @@ class OutputConfig:
     log_every: int = 1
     sample_steps: list = field(default_factory=lambda: [1, 2, 4, 8])
     sample_prompts: list = field(default_factory=lambda: ["a red circle", "a blue square"])
-    sample_eta: float = 1.0
+    sample_eta: float = -1.0      # -1: the eta the run recommends per step count (1.0 at 1 step, else 0.3)
+    teacher_steps: int = 25       # the teacher column of samples.png (DDIM with CFG); 0 = no column
+    teacher_guidance: float = 5.0
     tensorboard: bool = False
     merge_rank: int = 0           # 0: exact merge (ranks add up); > 0: SVD re-rank, error in metrics.json
 
@@ -243,9 +246,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                               + (f"; did you mean {near[0]!r}?" if near else f"; known: {known_stage_types()}"))
         if s.steps < 1:
             raise ConfigError(f"config key 'stages[{i}].steps': must be >= 1, got {s.steps}")
-        if s.segments < 1 or t.num_ddim_timesteps % s.segments:
-            raise ConfigError(f"config key 'stages[{i}].segments': {s.segments} must be >= 1 and divide "
-                              f"tscd.num_ddim_timesteps={t.num_ddim_timesteps}")
+        _validate_segments(s, i, t.num_ddim_timesteps)
         if s.weight <= 0:
             raise ConfigError(f"config key 'stages[{i}].weight': must be > 0, got {s.weight}")
     _validate_stage_plan(cfg)
@@ -254,10 +255,40 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("config key 'tscd.num_ddim_timesteps': must be <= 1000")
     if cfg.output.checkpoint_every < 1:
         raise ConfigError("config key 'output.checkpoint_every': must be >= 1")
-    for n in cfg.output.sample_steps:
-        if not isinstance(n, int) or n < 1:
-            raise ConfigError(f"config key 'output.sample_steps': entries must be ints >= 1, got {n!r}")
+    _validate_samples(cfg.output)
     return cfg
+
+
+def _validate_samples(out):
+    """samples.png settings, checked before training (not after it, when the grid is drawn)."""
+    for n in out.sample_steps:
+        if not isinstance(n, int) or not 1 <= n <= 50:
+            raise ConfigError(f"config key 'output.sample_steps': entries must be ints in 1..50 (TCD picks them "
+                              f"from a 50-step grid), got {n!r}")
+    if not (out.sample_eta == -1 or 0 <= out.sample_eta <= 1):
+        raise ConfigError(f"config key 'output.sample_eta': must be in [0, 1], or -1 for the recommended eta "
+                          f"per step count, got {out.sample_eta}")
+    if not 0 <= out.teacher_steps <= 50 or out.teacher_guidance < 1:
+        raise ConfigError(f"config key 'output.teacher_steps' / 'output.teacher_guidance': need 0..50 steps "
+                          f"(0 = no teacher column) and guidance >= 1, got {out.teacher_steps}, {out.teacher_guidance}")
+    if not out.sample_prompts or not all(isinstance(p, str) for p in out.sample_prompts):
+        raise ConfigError(f"config key 'output.sample_prompts': expected a non-empty list of strings, "
+                          f"got {out.sample_prompts!r}")
+
+
+def _validate_segments(stage, i, n):
+    """A stage's segment boundaries are the TCD sampler's timesteps at `segments` steps; they must lie on
+    the n-point solver grid (diffusion.segment_boundaries)."""
+    from training.diffusion import segment_boundaries
+
+    if stage.segments < 1 or stage.segments > n:
+        raise ConfigError(f"config key 'stages[{i}].segments': {stage.segments} must be in 1..{n} "
+                          f"(tscd.num_ddim_timesteps)")
+    try:
+        segment_boundaries(stage.segments, n)
+    except ValueError as e:
+        raise ConfigError(f"config key 'tscd.num_ddim_timesteps' ({n}) with stages[{i}].segments = "
+                          f"{stage.segments}: {e}") from None
 
 
 def _validate_stage_plan(cfg):

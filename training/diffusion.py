@@ -48,24 +48,52 @@ def trailing_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]
 
 
+def segment_boundaries(segments: int, n: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Grid indices (ascending, 0 = the clean sample) of the lower segment boundaries for `segments`
+    segments on an n-point solver grid: the timesteps the TCD sampler visits at `segments` steps
+    (schedulers.tcd_timesteps: 4 -> 759, 499, 259), so a TSCD LoRA lands exactly where it is sampled."""
+    from schedulers import tcd_timesteps
+
+    if num_train_timesteps % n:
+        raise ValueError(f"a {n}-point solver grid does not divide {num_train_timesteps} timesteps; use 50")
+    skip = num_train_timesteps // n
+    visited = tcd_timesteps(segments, num_train_timesteps=num_train_timesteps)[1:]
+    off = [t for t in visited if (t + 1) % skip]
+    if off:
+        raise ValueError(f"the TCD timesteps {off} of {segments} steps are not on the {n}-point solver grid; "
+                         "use 50 (the TCD sampler's own grid) or a multiple of it")
+    return [0] + sorted((t + 1) // skip for t in visited)
+
+
 class DDIMGrid:
-    """The TSCD solver grid: tau_j = round(j * T / n) - 1 for j = 1..n; j = 0 is the clean sample
-    (abar = 1). With k segments, the lower boundary of j's segment is floor((j - 1) / (n / k)) * (n / k)."""
+    """The TSCD solver grid: tau_j = round(j * T / n) - 1 for j = 1..n (n = 50: the trailing grid the TCD
+    sampler picks its timesteps from); j = 0 is the clean sample (abar = 1)."""
 
     def __init__(self, abar: torch.Tensor, n: int):
         T = len(abar)
-        self.n = n
+        self.n, self.num_train_timesteps = n, T
         self.timesteps = torch.tensor([round(j * T / n) - 1 for j in range(1, n + 1)], device=abar.device)
         one = torch.ones(1, dtype=abar.dtype, device=abar.device)
         self.abar = torch.cat([one, abar[self.timesteps]])  # index j = 0..n
+        self._bounds = {}
 
     def timestep(self, j: torch.Tensor) -> torch.Tensor:
         """UNet timestep of grid point j (>= 1); j = 0 is clamped (its prediction is never used)."""
         return self.timesteps[(j - 1).clamp(min=0)]
 
     def boundary(self, j: torch.Tensor, segments: int) -> torch.Tensor:
-        seg = self.n // segments
-        return torch.div(j - 1, seg, rounding_mode="floor") * seg
+        """The lower boundary of j's segment: the largest boundary index below j (segments are (b, b'])."""
+        if segments not in self._bounds:
+            bounds = segment_boundaries(segments, self.n, self.num_train_timesteps)
+            self._bounds[segments] = torch.tensor(bounds, device=j.device)
+        bounds = self._bounds[segments]
+        return bounds[torch.searchsorted(bounds, j, right=False) - 1]
+
+
+def recommended_eta(steps: int) -> float:
+    """TCD's eta for a Hyper-SD LoRA at `steps` steps: 1.0 at one step (Hyper-SD's advice for the unified
+    LoRA), 0.3 above (less stochastic re-noising keeps more detail across steps)."""
+    return 1.0 if steps == 1 else 0.3
 
 
 # --- UNet conditioning -------------------------------------------------------------------------

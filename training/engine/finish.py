@@ -56,12 +56,16 @@ def export_one_step_unet(run):
 
 
 def sample_grid(run, one_step):
-    from training.engine.samples import tcd_grid
+    """samples.png: the teacher column (output.teacher_steps DDIM steps with CFG) and the LoRA at each of
+    output.sample_steps, at the eta the run recommends (or output.sample_eta), from the same noise."""
+    from training.engine.samples import labelled_grid, sample_columns
 
-    cfg, base, unet = run.cfg, run.base, run.train.unet
+    cfg, base, unet, out = run.cfg, run.base, run.train.unet, run.cfg.output
     res = cfg.data.resolution // (2 ** (len(base.vae.config.block_out_channels) - 1))
-    return tcd_grid(unet, base.vae, base, run.encode, cfg.output.sample_prompts, cfg.output.sample_steps,
-                    cfg.output.sample_eta, (unet.config.in_channels, res, res), cfg.seed, run.device, one_step=one_step)
+    teacher = (run.train.stack.disabled, out.teacher_steps, out.teacher_guidance) if out.teacher_steps else None
+    labels, images = sample_columns(unet, base, run.encode, out.sample_prompts, out.sample_steps, out.sample_eta,
+                                    (unet.config.in_channels, res, res), cfg.seed, run.device, teacher, one_step)
+    return labelled_grid(labels, images, out.sample_prompts)
 
 
 def stage_summary(stage, losses, logs=(), n=3):

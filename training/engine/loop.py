@@ -50,6 +50,8 @@ def start_stage(run, index, stage) -> ActiveStage:
     t, group, plugin = run.train, GROUP_OF[stage.type], get_stage(stage.type)
     t.stack.use(*adapters_for(group, t.groups, bool(t.init_rank)))
     ctx = stage_context(run, index, t.student if group == t.groups[0] else t.unet)
+    if group == "tscd" and run.cfg.tscd.ema_restart and index > 0 and run.step == ctx.stage_start:
+        t.ema.restart()  # only at the boundary itself: a run resumed inside the stage keeps its EMA
     own = plugin.setup(ctx, stage)
     if own is not None:
         ctx.student = own.model

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from training.diffusion import recommended_eta
 from training.files import save_file_atomic
 from training.lora_files.kohya import LoraModule, modules_to_state_dict, save_kohya
 from training.lora_files.merge import merge_exact, svd_rerank
@@ -38,7 +39,7 @@ def lora_metadata(cfg, family, prediction_type) -> dict:
         "hypersd.base_family": family, "hypersd.prediction_type": prediction_type,
         "hypersd.stages": json.dumps([{"type": s.type, "segments": s.segments, "steps": s.steps} for s in cfg.stages]),
         "hypersd.recommended_sampler": "tcd", "hypersd.recommended_steps": str(steps),
-        "hypersd.recommended_eta": "1.0" if steps == 1 else "0.3", "hypersd.recommended_cfg": "1.0",
+        "hypersd.recommended_eta": str(recommended_eta(steps)), "hypersd.recommended_cfg": "1.0",
         "hypersd.base": cfg.model.base,
     }
 

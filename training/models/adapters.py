@@ -143,6 +143,12 @@ class EMA:
             for s, p in zip(self.shadow, self.params):
                 s.lerp_(p.detach(), 1 - self.decay)
 
+    @torch.no_grad()
+    def restart(self):
+        """Shadow = the live weights (a new TSCD stage's target starts from where the student is)."""
+        for s, p in zip(self.shadow, self.params):
+            s.copy_(p.detach())
+
     @contextlib.contextmanager
     def swapped(self):
         if self.decay == 0:

@@ -8,11 +8,13 @@ of the term grows as the segment count falls (Hyper-SD: more adversarial at fewe
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.diffusion import abar_at, ddim_point, unet_kwargs
+from training.diffusion import ddim_point, unet_kwargs
 from training.stages.base import U, Stage, stage_randn
 from training.stages.tscd import distance, student_boundary, tscd_targets
 
@@ -28,6 +30,21 @@ def _head(channels: int) -> nn.Module:
     groups = 8 if channels % 8 == 0 else 1
     return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels),
                          nn.SiLU(), nn.Conv2d(channels, 1, 1))
+
+
+@contextlib.contextmanager
+def no_checkpointing(unet):
+    """Run the teacher's blocks without gradient checkpointing. The features are called with every adapter
+    off, but their backward runs later, outside that context: a checkpointed block would be recomputed
+    with the student's adapters on (wrong gradients, or a metadata error under bf16 autocast)."""
+    on = getattr(unet, "is_gradient_checkpointing", False)
+    if on:
+        unet.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if on:
+            unet.enable_gradient_checkpointing()
 
 
 class Discriminator(nn.Module):
@@ -64,7 +81,8 @@ class Discriminator(nn.Module):
         hooks += [b.register_forward_hook(keep) for b in unet.down_blocks]
         hooks.append(unet.mid_block.register_forward_hook(keep_and_stop))
         try:
-            unet(x_vp, timestep, **unet_kwargs(cond))
+            with no_checkpointing(unet):
+                unet(x_vp, timestep, **unet_kwargs(cond))
         except _StopForward:
             pass
         finally:
@@ -129,7 +147,7 @@ def discriminator_step(ctx, disc, opt, real, fake, t_d, cond, kind):
 class Adversarial(Stage):
     name = "adversarial"
     params = {"enabled": True, "adv_weights": {str(k): v for k, v in DEFAULT_ADV_WEIGHTS.items()},
-              "loss": "hinge", "disc_lr": 1e-4, "t_max": 750}
+              "loss": "hinge", "disc_lr": 1e-4}
 
     def check_params(self, p, stage, key):
         if p["loss"] not in LOSSES:
@@ -138,8 +156,6 @@ class Adversarial(Stage):
             adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"config key '{key}.adv_weights': {e}") from None
-        if not 0 < int(p["t_max"]) < 1000:
-            raise ValueError(f"config key '{key}.t_max': must be in 1..999, got {p['t_max']}")
 
     def build_persistent(self, unet, stages, cfg):
         """One discriminator (and its optimizer) for all adversarial stages; checkpointed by the engine."""
@@ -151,23 +167,30 @@ class Adversarial(Stage):
         p = self.resolved(stage)
         w = adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
         x_j, t_j, j, b, target = tscd_targets(ctx, batch, stage.segments)
-        pred, x0_s = student_boundary(ctx, batch, x_j, t_j, j, b)
+        pred, _ = student_boundary(ctx, batch, x_j, t_j, j, b)
         tl = distance(pred, target, ctx.cfg.tscd.loss, ctx.cfg.tscd.huber_c)
         if w == 0:
             return tl, {"tscd_loss": float(tl.detach())}
-        cond = batch["cond"]
-        # D sees real latents and the student's x0 re-noised to the same (t, noise)
-        t_d = (batch["u"][:, U["adv_t"]] * int(p["t_max"])).long()
-        noise = stage_randn(ctx, batch["latents"], 3)
-        real = ddim_point(batch["latents"], noise, abar_at(ctx.abar, t_d, batch["latents"]))
-        x0_s = x0_s.to(noise.dtype)
-        fake = ddim_point(x0_s, noise, abar_at(ctx.abar, t_d, x0_s))
-        d_loss = discriminator_step(ctx, ctx.persistent["disc"], ctx.persistent["disc_opt"], real, fake, t_d, cond,
-                                    p["loss"])
+        cond, disc = batch["cond"], ctx.persistent["disc"]
+        t_d, fake, real = diffused_pair(ctx, batch, pred, target.to(pred.dtype), b, stage.segments)
+        d_loss = discriminator_step(ctx, disc, ctx.persistent["disc_opt"], real, fake, t_d, cond, p["loss"])
         with ctx.teacher():
-            g_loss = generator_adv_loss(ctx.persistent["disc"](fake, t_d, cond), p["loss"])
+            g_loss = generator_adv_loss(disc(fake, t_d, cond), p["loss"])
         return tl + w * g_loss, {"tscd_loss": float(tl.detach()), "adv_g": float(g_loss.detach()),
                                  "adv_d": float(d_loss.detach()), "adv_weight": w}
+
+
+def diffused_pair(ctx, batch, pred, target, b, segments):
+    """PCM's adversarial consistency pair: the student's boundary prediction (fake) and the consistency
+    target (real), both diffused forward from the boundary to a random t in [t_b, t_b + T / k) with fresh
+    noise, so D judges what the stage trains (not clean data against a one-step guess)."""
+    grid, T = ctx.grid, ctx.grid.num_train_timesteps
+    t_b = torch.where(b > 0, grid.timestep(b), torch.zeros_like(b))
+    t_d = (t_b + batch["u"][:, U["adv_t"]] * (T // segments)).long().clamp(max=T - 1)
+    ratio = ctx.abar[t_d] / grid.abar[b]  # abar(t_d) / abar(t_b): forward diffusion from the boundary
+    fake = ddim_point(pred, stage_randn(ctx, pred, 3), ratio)
+    real = ddim_point(target, stage_randn(ctx, pred, 5), ratio)
+    return t_d, fake, real
 
 
 STAGE = Adversarial()

@@ -34,18 +34,30 @@ def decode(vae, latents):
     return vae.decode(latents / scale + shift).sample
 
 
-def refl_loss(unet, vae, reward, prompts, cond, noise, alphas_cumprod, stop: int, steps: int = 4,
-              alpha: float = 1.0):
-    """-> (ReFL loss, rewards) for a batch: no-grad DDIM to grid[stop], then one step with gradient to x0."""
+def late_x(unet, noise, cond, alphas_cumprod, stop: int, steps: int):
+    """(x_t, timesteps) at grid[stop] of a `steps`-step trailing grid, reached without gradient."""
     grid = trailing_grid(steps)
     if not 0 <= stop < steps:
         raise ValueError(f"feedback.stop must be in [0, {steps - 1}] for {steps} steps, got {stop}")
     x_t = ddim_to(unet, noise, cond, grid, stop, alphas_cumprod)
-    tt = torch.full((noise.shape[0],), grid[stop], device=noise.device, dtype=torch.long)
-    x0 = eps_to_x0(x_t, unet(x_t, tt, **unet_kwargs(cond)).sample, abar_at(alphas_cumprod, tt, x_t))
+    return x_t, torch.full((noise.shape[0],), grid[stop], device=noise.device, dtype=torch.long)
+
+
+def one_step_x0(unet, x_t, tt, cond, alphas_cumprod):
+    return eps_to_x0(x_t, unet(x_t, tt, **unet_kwargs(cond)).sample, abar_at(alphas_cumprod, tt, x_t))
+
+
+def score(vae, reward, x0, prompts):
     images = decode(vae, x0)
     images = images.clamp(-1, 1) if getattr(reward, "input_range", (-1, 1))[0] < 0 else (images / 2 + 0.5).clamp(0, 1)
-    r = reward(images, prompts)
+    return reward(images, prompts)
+
+
+def refl_loss(unet, vae, reward, prompts, cond, noise, alphas_cumprod, stop: int, steps: int = 4,
+              alpha: float = 1.0):
+    """-> (ReFL loss, rewards) for a batch: no-grad DDIM to grid[stop], then one step with gradient to x0."""
+    x_t, tt = late_x(unet, noise, cond, alphas_cumprod, stop, steps)
+    r = score(vae, reward, one_step_x0(unet, x_t, tt, cond, alphas_cumprod), prompts)
     return F.relu(alpha - r).mean(), r.detach()
 
 
@@ -67,7 +79,7 @@ def reward_options(p: dict) -> dict:
 class Feedback(Stage):
     name = "feedback"
     params = {"lr": 0.0, "reward": "tiny", "reward_weights": "", "reward_options": {}, "alpha": 1.0, "steps": 4,
-              "late_fraction": 0.5}
+              "late_fraction": 0.5, "grad_scale": 1.0, "reg_weight": 0.0}
 
     def check_params(self, p, stage, key):
         import difflib
@@ -85,6 +97,9 @@ class Feedback(Stage):
                              + f" (known: {sorted(REWARDS)}, or 'module:function')")
         if p["reward_weights"] and not os.path.isfile(p["reward_weights"]):
             raise ValueError(f"config key '{key}.reward_weights': file not found: {p['reward_weights']}")
+        if float(p["grad_scale"]) <= 0 or float(p["reg_weight"]) < 0:
+            raise ValueError(f"config key '{key}.grad_scale' / '{key}.reg_weight': need grad_scale > 0 and "
+                             f"reg_weight >= 0, got {p['grad_scale']}, {p['reg_weight']}")
         if int(p["steps"]) < 1 or not 0 < float(p["late_fraction"]) <= 1:
             raise ValueError(f"config key '{key}.steps' / '{key}.late_fraction': need steps >= 1 and "
                              f"0 < late_fraction <= 1, got {p['steps']}, {p['late_fraction']}")
@@ -99,21 +114,43 @@ class Feedback(Stage):
             reward = build_reward(p["reward"], **reward_options(p))
         except (RewardUnavailable, ValueError, TypeError, OSError) as e:
             raise ConfigError(f"config key 'stages[{index}].params.reward': {e}") from e
+        best = getattr(reward, "max_reward", None)  # e.g. 0 for a log-probability
+        if best is not None and float(p["alpha"]) > best:
+            raise ConfigError(f"config key 'stages[{index}].params.alpha': {p['alpha']} is above the best reward "
+                              f"{p['reward']!r} can give ({best}), so the hinge ReLU(alpha - reward) never switches "
+                              f"off; pick alpha <= {best}")
         return reward.to(device) if isinstance(reward, torch.nn.Module) else reward
 
     def setup(self, ctx, stage):
         ctx.state["reward"] = ctx.resources.get(ctx.stage_index) or self.preflight(stage, ctx.stage_index, ctx.device)
 
     def loss(self, ctx, batch, stage):
+        """grad_scale * mean(ReLU(alpha - reward)) + reg_weight * MSE(x0, the earlier stages' x0 at the same
+        x_t): ReFL's hinge and gradient scale, and a tie to the previous stage so an easy optimum of the
+        reward (a colour, a texture) cannot take over."""
         p = self.resolved(stage)
         steps = int(p["steps"])
         # the late step comes from the global batch's uniforms: the same for any process count and on resume
         stop = late_stop(steps, float(p["late_fraction"]), float(batch["step_u"][U["refl_stop"]]))
         student = EpsModel(ctx.student, ctx.abar, ctx.prediction_type)
-        loss, r = refl_loss(student, ctx.vae, ctx.state["reward"], batch["captions"], batch["cond"],
-                            batch["noise"], ctx.abar, stop, steps, float(p["alpha"]))
-        return loss, {"feedback_loss": float(loss.detach()), "reward": float(r.float().mean()),
-                      "stop_t": trailing_grid(steps)[stop]}
+        x_t, tt = late_x(student, batch["noise"], batch["cond"], ctx.abar, stop, steps)
+        x0 = one_step_x0(student, x_t, tt, batch["cond"], ctx.abar)
+        r = score(ctx.vae, ctx.state["reward"], x0, batch["captions"])
+        hinge = F.relu(float(p["alpha"]) - r).mean()
+        reg = x0.new_zeros(())
+        if float(p["reg_weight"]) > 0:
+            reg = F.mse_loss(x0.float(), previous_stage_x0(ctx, x_t, tt, batch["cond"]).float())
+        loss = float(p["grad_scale"]) * hinge + float(p["reg_weight"]) * reg
+        return loss, {"feedback_loss": float(hinge.detach()), "reward": float(r.detach().float().mean()),
+                      "feedback_reg": float(reg.detach()), "stop_t": int(tt[0])}
+
+
+@torch.no_grad()
+def previous_stage_x0(ctx, x_t, tt, cond):
+    """x0 from the same x_t with the stage's own adapter off: what the earlier stages alone predict."""
+    earlier = [a for a in ctx.adapters.active if a not in ctx.adapters.trainable]
+    with ctx.adapters.only(earlier, []):
+        return one_step_x0(EpsModel(ctx.unet, ctx.abar, ctx.prediction_type), x_t, tt, cond, ctx.abar)
 
 
 STAGE = Feedback()

@@ -42,7 +42,8 @@ def dm_loss(x0, teacher, fake, cond, uncond, guidance, t, noise, alphas_cumprod)
         fake_x0 = eps_to_x0(x_t, fake(x_t, t, **unet_kwargs(cond)).sample, abar)
         norm = (x0 - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp_min(1e-5)
         grad = (fake_x0 - real) / norm
-    return 0.5 * F.mse_loss(x0, (x0 - grad).detach(), reduction="sum") / x0.shape[0], grad
+    # DMD2's mean reduction: the step does not grow with the latent size (sum / B was C*H*W times larger)
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach(), reduction="mean"), grad
 
 
 def fake_score_loss(fake, x0, cond, t, noise, alphas_cumprod):
@@ -106,8 +107,10 @@ def generator_loss(ctx, p, x0, batch, rand_t):
 
 class ScoreDistill(Stage):
     name = "score_distill"
-    params = {"lr": 0.0, "mode": "lora", "timestep": 0, "guidance": 7.5, "gen_every": 1, "reg_weight": 0.25,
-              "reg_steps": 4, "fake_lr": 1e-3, "fake_rank": 0, "t_min": 20, "t_max": 980}
+    # DMD2: the fake score trains every step, the generator every 5th (two time-scale rule), both at one
+    # lr (fake_lr 0 = the generator's); timesteps for both scores in ~2%-98% of the range
+    params = {"lr": 0.0, "mode": "lora", "timestep": 0, "guidance": 7.5, "gen_every": 5, "reg_weight": 0.25,
+              "reg_steps": 4, "fake_lr": 0.0, "fake_rank": 0, "t_min": 20, "t_max": 980}
 
     def check_params(self, p, stage, key):
         if p["mode"] not in MODES:
@@ -126,7 +129,8 @@ class ScoreDistill(Stage):
         p = self.resolved(stages[0])
         rank = int(p["fake_rank"]) or cfg.lora.rank
         params = add_adapter(unet, "fake", rank, float(rank), cfg.lora.targets)
-        return {"fake_opt": torch.optim.AdamW(params, lr=float(p["fake_lr"]), weight_decay=0.0)}
+        lr = float(p["fake_lr"]) or float(p["lr"]) or cfg.optim.lr
+        return {"fake_opt": torch.optim.AdamW(params, lr=lr, weight_decay=0.0)}
 
     def setup(self, ctx, stage):
         if is_full(stage):
