@@ -136,7 +136,7 @@ def train_run(cfg, run_id: str, cache: Path, make_base, dataset, log=print) -> t
         return out, json.loads(metrics.read_text())
     plan = " -> ".join(f"{s.type} k={s.segments} x{s.steps}" for s in cfg.stages)
     log(f"training {out.name}: {plan} (batch {cfg.optim.batch_size})")
-    run_training(cfg, overwrite=True, show_bar=False, base=make_base(), dataset=dataset)
+    run_training(cfg, overwrite=True, show_bar=False, base=make_base(), dataset=dataset, summary=False)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the LoRA files are the cached model
     result = json.loads(metrics.read_text())
     for i, s in enumerate(result["stages"]):
