@@ -109,16 +109,22 @@ def test_generated_dataset_is_deterministic_and_captions_match_pixels():
     assert all(torch.equal(a[i]["pixel_values"], b[i]["pixel_values"]) for i in range(6))
     assert [a[i]["caption"] for i in range(6)] == [b[i]["caption"] for i in range(6)]
     assert [a[i]["caption"] for i in range(6)] != [c[i]["caption"] for i in range(6)]
-    from training.data.sources import COLOURS, POSITIONS
+    from training.data.sources import BACKGROUND, COLOURS, SHAPES, parse_generated_caption
     for i in range(6):
         s = a[i]
-        cap = s["caption"]
-        fg, bg = cap.split(" ")[1], cap.split(" on a ")[1].split(" ")[0]
-        pos = "center" if "in the center" in cap else cap.split(" at the ")[1].split(" on a ")[0]
+        attrs = parse_generated_caption(s["caption"])
+        assert s["caption"] == f"a {attrs['colour']} {attrs['shape']}" and attrs["shape"] in SHAPES
         rgb = ((s["pixel_values"] + 1) * 127.5).round()
-        assert rgb[:, 0, 0].tolist() == list(COLOURS[bg])   # background colour named in the caption
-        x, y = (int(v * 32) for v in POSITIONS[pos])
-        assert rgb[:, y, x].tolist() == list(COLOURS[fg])    # shape colour at the named position
+        assert rgb[:, 0, 0].tolist() == list(BACKGROUND)                  # grey background
+        assert rgb[:, 16, 16].tolist() == list(COLOURS[attrs["colour"]])  # the shape's colour near the centre
+        fg = (rgb != torch.tensor(BACKGROUND).view(3, 1, 1)).any(0)
+        ys, xs = fg.nonzero(as_tuple=True)
+        fill = fg.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))   # square 1, circle ~pi/4
+        assert (fill > 0.95) == (attrs["shape"] == "square"), (s["caption"], float(fill))
+    eight = build_dataset({"num_images": 16, "resolution": 32, "seed": 0})
+    caps = [eight[i]["caption"] for i in range(16)]
+    assert len(set(caps[:8])) == 8 and len(set(caps[8:])) == 8     # every colour x shape pair once per 8
+    assert parse_generated_caption("") is None and parse_generated_caption("a purple circle") is None
     batch = collate([a[0], a[1]])
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["caption"] == [a[0]["caption"], a[1]["caption"]]
     assert batch["original_size"].shape == (2, 2) and batch["index"].tolist() == [0, 1]

@@ -172,48 +172,57 @@ def scan_records(records: list[Record]) -> tuple[list[Record], ScanStats]:
 
 # --- generated shapes (embedded default run, no downloads) ---------------------------------
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
-           "yellow": (240, 220, 40), "purple": (150, 60, 190), "orange": (245, 140, 30),
-           "white": (245, 245, 245), "black": (20, 20, 20)}
-SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "center": (0.5, 0.5),
-             "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (240, 220, 40)}
+SHAPES = ("circle", "square")
+BACKGROUND = (128, 128, 128)
+ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES}   # caption "a {colour} {shape}"
+
+
+def generated_caption(colour: str, shape: str) -> str:
+    return f"a {colour} {shape}"
+
+
+def parse_generated_caption(caption: str) -> Optional[dict]:
+    """{"colour": name, "shape": name} of a generated caption; None for any other text (e.g. "")."""
+    words = caption.strip().lower().split()
+    if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
+        return None
+    return {"colour": words[1], "shape": words[2]}
 
 
 def generated_records(num_images: int, image_size: int = 64, seed: int = 0) -> list[Record]:
-    """`num_images` coloured shapes on plain backgrounds; same seed -> same images and captions."""
+    """`num_images` red / green / blue / yellow circles and squares on grey, captioned "a red circle".
+
+    Every colour x shape pair comes equally often (in a seeded order, one shuffled round of the 8
+    pairs after another); each shape gets a seeded size and a small offset from the centre. Same seed ->
+    same images and captions."""
     if num_images < 1:
         raise DataError(f"data.num_images = {num_images}: expected >= 1")
     if image_size < 8:
         raise DataError(f"data.image_size = {image_size}: expected >= 8 pixels")
     rng = random.Random(seed)
-    names = list(COLOURS)
-    records = []
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    records, order = [], []
     for i in range(num_images):
-        fg = rng.choice(names)
-        bg = rng.choice([c for c in names if c != fg])
-        shape, pos = rng.choice(SHAPES), rng.choice(list(POSITIONS))
-        scale = rng.uniform(0.18, 0.28)
-        caption = f"a {fg} {shape} at the {pos} on a {bg} background"
-        if pos == "center":
-            caption = f"a {fg} {shape} in the center on a {bg} background"
-        params = (fg, bg, shape, pos, scale, image_size)
-        records.append(Record(caption=caption, render=partial(_render, *params),
-                              size=(image_size, image_size),
-                              source_id=f"generated:{seed}:{i}:{params}"))
+        if not order:
+            order = rng.sample(pairs, len(pairs))
+        colour, shape = order.pop()
+        params = (colour, shape, round(rng.uniform(-0.05, 0.05), 4), round(rng.uniform(-0.05, 0.05), 4),
+                  round(rng.uniform(0.28, 0.36), 4), image_size)
+        records.append(Record(caption=generated_caption(colour, shape), render=partial(_render, *params),
+                              size=(image_size, image_size), source_id=f"generated:{seed}:{i}:{params}"))
     return records
 
 
-def _render(fg, bg, shape, pos, scale, size) -> Image.Image:
+def _render(colour, shape, dx, dy, scale, size) -> Image.Image:
     # module-level (via functools.partial) so records pickle into DataLoader workers
-    img = Image.new("RGB", (size, size), COLOURS[bg])
+    img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    cx, cy = POSITIONS[pos][0] * size, POSITIONS[pos][1] * size
-    r = scale * size
+    cx, cy, r = (0.5 + dx) * size, (0.5 + dy) * size, scale * size
+    box = [cx - r, cy - r, cx + r - 1, cy + r - 1]
     if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[fg])
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[fg])
+        draw.ellipse(box, fill=COLOURS[colour])
     else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg])
+        r *= 0.9                                    # about the circle's area; its corners stick out
+        draw.rectangle([cx - r, cy - r, cx + r - 1, cy + r - 1], fill=COLOURS[colour])
     return img

@@ -1,5 +1,5 @@
 """Setting a run up, in the order that makes it reproducible: the output folder, data, the base model
-(pre-training the tiny teacher once), the adapters and stage networks, the optimizer, resume, the cache.
+(the shipped tiny teacher by default), the adapters and stage networks, the optimizer, resume, the cache.
 
 Random draws happen in a fixed order (seeded twice: before the data and before the adapters), so the
 same config gives the same LoRA bit for bit on any machine with the same torch build."""
@@ -69,26 +69,13 @@ def prepare_output(out_dir, resume, overwrite, accelerator):
 
 
 def tiny_teacher(base, cfg, ds, out_dir, accelerator):
-    """Pre-train the tiny teacher once (main process), save it, and load it everywhere."""
-    from safetensors.torch import load_file
-
-    from training.data import collate
-    from training.files import save_file_atomic
+    """The tiny teacher is shipped (training/models/tiny_teacher.safetensors, loaded by build_tiny; made by
+    python -m training.models.tiny_pretrain): a copy goes into the output folder, for the record."""
     from training.models import tiny
 
-    path = os.path.join(out_dir, "tiny_teacher.safetensors")
-    if accelerator.is_main_process and not os.path.exists(path):
-        batch = collate([ds[i] for i in range(len(ds))])
-        tiny.pretrain_tiny(base.unet, base.vae, base.text_encoders[0], base.tokenizers[0],
-                           batch["pixel_values"], batch["caption"], base.abar, steps=cfg.model.tiny_pretrain_steps,
-                           vae_steps=cfg.model.tiny_vae_steps, seed=cfg.seed)
-        state = {f"unet.{k}": v for k, v in base.unet.state_dict().items()}
-        state.update({f"vae.{k}": v for k, v in base.vae.state_dict().items()})
-        save_file_atomic({k: v.contiguous() for k, v in state.items()}, path)
+    if accelerator.is_main_process:
+        shutil.copyfile(tiny.TEACHER_PATH, os.path.join(out_dir, "tiny_teacher.safetensors"))
     accelerator.wait_for_everyone()
-    state = load_file(path)
-    base.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
-    base.vae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vae.")})
 
 
 def place_frozen_base(base, cfg, device):

@@ -36,11 +36,17 @@ def scheduler_abar(scheduler_config: dict | None = None) -> torch.Tensor:
     return scaled_linear_alphas_cumprod(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"])
 
 
-def build_tiny() -> Base:
+def load_tiny_base(path: str | None = None) -> Base:
+    """The shipped tiny teacher (training/models/tiny_teacher.safetensors, made by
+    python -m training.models.tiny_pretrain), or the same layout from `path`: trained weights, VAE scaling set."""
     from training.models import tiny
 
-    return Base(tiny.tiny_unet(), tiny.tiny_vae(), [tiny.tiny_text_encoder()], [tiny.tiny_tokenizer()],
-                "sd15", "epsilon", scheduler_abar())
+    unet, vae, text_encoder, tokenizer = tiny.load_tiny_teacher(path or tiny.TEACHER_PATH)
+    return Base(unet, vae, [text_encoder], [tokenizer], "sd15", "epsilon", scheduler_abar())
+
+
+def build_tiny() -> Base:
+    return load_tiny_base()
 
 
 def _resolve(base: str, revision: str) -> str:

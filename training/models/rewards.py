@@ -3,7 +3,7 @@
 A reward model is any callable `reward(images, prompts) -> tensor[B]` (higher is better), images
 BCHW in [-1, 1] (VAE output) unless the model says `input_range = (0, 1)`; it must be
 differentiable w.r.t. the images. Build one with `build_reward(spec, **options)` where spec is a
-registered name ("tiny", "laion_aesthetic", "imagereward", "hpsv2") or "module:function".
+registered name ("tiny", "attributes", "laion_aesthetic", "imagereward", "hpsv2") or "module:function".
 Heavy packages are imported lazily; missing packages or weights raise `RewardUnavailable`
 naming the package or the hub repo/file.
 """
@@ -211,8 +211,19 @@ def _load_safetensors(path: str, what: str) -> dict:
     return load_file(path)
 
 
+def attribute_reward(seed: int = 0, weights: str | None = None) -> RewardModel:
+    """The generated task's attribute classifier (training/models/attributes.py): mean log p(the caption's
+    colour and shape | image); trained from `seed` in a few seconds, or loaded from a local `weights` file."""
+    from training.models.attributes import AttributeReward
+
+    if weights and not os.path.isfile(weights):
+        raise RewardUnavailable(f"attribute classifier weights not found: {weights}")
+    return AttributeReward(seed=seed, weights=weights)
+
+
 REWARDS: dict[str, Callable[..., RewardModel]] = {
     "tiny": TinyReward,
+    "attributes": attribute_reward,
     "laion_aesthetic": LaionAesthetic.from_pretrained,
     "imagereward": ImageRewardModel,
     "hpsv2": HPSv2Model,

@@ -1,9 +1,9 @@
 """Tiny built-in models for the default run and the tests (no downloads).
 
-The default run needs a teacher that means something, so `pretrain_tiny` briefly fits the tiny
-VAE (reconstruction) and the tiny UNet (epsilon denoising with 10% caption dropout, so CFG has an
-unconditional branch) on the generated shapes data set. A random-weight teacher would make the
-distillation meaningless.
+The default run needs a teacher that means something: `load_tiny_teacher` loads the shipped tiny teacher
+(training/models/tiny_teacher.safetensors: VAE, UNet and text encoder pre-trained on the generated task
+by `python -m training.models.tiny_pretrain`). `pretrain_tiny` is the older in-run pre-training (a few
+hundred steps on the run's data), kept for callers that want a teacher fitted to other data.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 
-def tiny_unet(sample_size=16, cross_attention_dim=32, prediction_type=None):
+def tiny_unet(sample_size=8, cross_attention_dim=32, prediction_type=None):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -30,8 +30,8 @@ def tiny_vae():
 
     torch.manual_seed(0)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), latent_channels=4,
         layers_per_block=1, norm_num_groups=8, sample_size=32)
 
 
@@ -63,9 +63,48 @@ def tiny_text_encoder(hidden_size=32):
     return CLIPTextModel(config)
 
 
+TEACHER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_teacher.safetensors")
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def save_teacher(base, path: str, metadata: dict) -> None:
+    """The tiny Base's UNet, VAE and text encoder in one safetensors file (keys "<part>.<name>");
+    the VAE scaling factor goes into the metadata."""
+    from training.files import save_file_atomic
+
+    models = dict(zip(PARTS, (base.unet, base.vae, base.text_encoders[0])))
+    state = {f"{p}.{k}": v.detach().contiguous() for p, m in models.items() for k, v in m.state_dict().items()}
+    meta = dict(metadata, format="hyper-sd-tiny-teacher-1", scaling_factor=repr(float(base.vae.config.scaling_factor)))
+    save_file_atomic(state, path, metadata={k: str(v) for k, v in meta.items()})
+
+
+def load_tiny_teacher(path: str = TEACHER_PATH):
+    """The shipped tiny teacher's (unet, vae, text_encoder, tokenizer), frozen, VAE scaling factor set
+    (training.models.base.load_tiny_base wraps them in a Base)."""
+    from safetensors import safe_open
+
+    from training.errors import ModelError
+
+    if not os.path.isfile(path):
+        raise ModelError(f"tiny teacher weights {path} are missing: run "
+                         "python -m training.models.tiny_pretrain --out " + path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    unet, vae, text_encoder = tiny_unet(), tiny_vae(), tiny_text_encoder()
+    for part, model in zip(PARTS, (unet, vae, text_encoder)):
+        model.load_state_dict({k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")})
+        model.requires_grad_(False).eval()
+    vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+    return unet, vae, text_encoder, tiny_tokenizer()
+
+
 def pretrain_tiny(unet, vae, text_encoder, tokenizer, pixels, captions, abar, steps=300, vae_steps=200,
                   batch_size=16, lr=2e-3, seed=0):
-    """Fit the tiny VAE then the tiny UNet on the data; deterministic for a given seed (CPU)."""
+    """Fit the tiny VAE then the tiny UNet on the data; deterministic for a given seed (CPU). Works on
+    fresh models or further fits loaded ones (the shipped teacher is frozen: gradients are switched on)."""
+    unet.requires_grad_(True).train()
+    vae.requires_grad_(True).train()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     for _ in range(vae_steps):
