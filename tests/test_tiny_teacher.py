@@ -30,7 +30,7 @@ def test_attribute_classifier_is_exact_on_heldout_renders_and_a_differentiable_r
     wrong = [c.replace("circle", "SQ").replace("square", "circle").replace("SQ", "square") for c in captions]
     assert caption_log_prob(clf, images, captions).mean() > caption_log_prob(clf, images, wrong).mean() + 2
     reward = build_reward("attributes")
-    assert isinstance(reward, RewardModel)
+    assert isinstance(reward, RewardModel) and reward.max_reward == 0.0
     img = images[:3].clone().requires_grad_(True)
     r = reward(img, ["a red circle", "", "a blue square"])
     assert r.shape == (3,) and r[1] == 0.0                  # the empty prompt names nothing

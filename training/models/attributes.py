@@ -126,6 +126,7 @@ class AttributeReward(nn.Module):
     from `seed` (a few seconds, deterministic) or loaded from a local safetensors file `weights`."""
 
     input_range = (-1.0, 1.0)
+    max_reward = 0.0      # a log-probability: the feedback stage's alpha must be <= 0
 
     def __init__(self, seed: int = 0, weights: str | None = None):
         super().__init__()
