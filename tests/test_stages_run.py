@@ -15,8 +15,9 @@ from tests.test_training_run import REPO, env
 PLAN = [{"type": "tscd", "segments": 8, "steps": 1},
         {"type": "adversarial", "segments": 1, "steps": 2},
         {"type": "feedback", "segments": 1, "steps": 1, "params": {"reward": "tiny", "alpha": 2.0}},
-        {"type": "score_distill", "segments": 1, "steps": 2, "params": {"guidance": 3.0, "reg_steps": 2}}]
-TINY = ["model.tiny_pretrain_steps=10", "model.tiny_vae_steps=5", "optim.batch_size=2", "lora.rank=4",
+        {"type": "score_distill", "segments": 1, "steps": 2, "params": {"guidance": 3.0, "reg_steps": 2,
+                                                                   "gen_every": 1}}]
+TINY = ["optim.batch_size=2", "lora.rank=4",
         "lora.alpha=4", "output.sample_steps=[1]", 'output.sample_prompts=["a red circle"]',
         "output.checkpoint_every=1", "output.keep_checkpoints=10", "optim.warmup_steps=1"]
 

@@ -105,3 +105,15 @@ def test_shipped_configs_run_every_stage_type():
         assert {"tscd", "adversarial", "feedback", "score_distill"} <= set(types), f
         reward = [s.params.get("reward") for s in load_config(f).stages if s.type == "feedback"]
         assert reward == ["laion_aesthetic"], f
+
+
+def test_default_plan_uses_the_stage_fixes():
+    """The embedded default: DMD2's update ratio, a feedback reward with a reachable alpha and a regulariser,
+    every stage type, TSCD boundaries on the TCD grid."""
+    cfg = load_config(None, [])
+    by_type = {s.type: s for s in cfg.stages}
+    assert set(by_type) == {"tscd", "adversarial", "feedback", "score_distill"}
+    assert by_type["score_distill"].params["gen_every"] >= 5
+    fb = by_type["feedback"].params
+    assert fb["reward"] == "attributes" and fb["alpha"] <= 0 and fb["reg_weight"] > 0 and fb["lr"] < cfg.optim.lr
+    assert cfg.tscd.num_ddim_timesteps == 50 and cfg.output.sample_eta == -1

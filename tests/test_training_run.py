@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["model.tiny_pretrain_steps=10", "model.tiny_vae_steps=5", "optim.batch_size=4",
+TINY = ["optim.batch_size=4",
         'stages=[{"segments": 8, "steps": 2}, {"segments": 2, "steps": 1}, {"segments": 1, "steps": 1}]',
         "output.sample_steps=[1,2]", 'output.sample_prompts=["a red circle"]', "output.checkpoint_every=1",
         "output.keep_checkpoints=10", "optim.warmup_steps=1"]
@@ -124,3 +124,29 @@ def test_empty_folder_and_missing_captions(tmp_path):
     Image.new("RGB", (32, 32), (200, 0, 0)).save(imgs / "a.png")
     p = run(tmp_path / "o2", "--set", f"data.source={imgs}", check=False)
     assert p.returncode == 2 and "caption" in p.stderr.lower()
+
+
+def test_teacher_pipeline_and_lora_reproduce_samples_png_in_plain_diffusers(reference):
+    """<output.dir>/teacher/ is a diffusers pipeline: from_pretrained + load_lora_weights + TCDScheduler, with
+    the grid's noise, draws the LoRA columns of samples.png (1 and 2 steps at the recommended eta)."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+    from PIL import Image
+
+    from training.diffusion import recommended_eta
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(reference / "teacher"))
+    pipe.load_lora_weights(str(reference / "hyper_sd_lora.safetensors"))
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    grid = np.asarray(Image.open(reference / "samples.png").convert("RGB"))
+    side = 32 // pipe.vae_scale_factor
+    noise = torch.randn((1, 4, side, side), generator=torch.Generator().manual_seed(0))  # the grid's (seed 0)
+    for column, steps in ((1, 1), (2, 2)):
+        out = pipe(["a red circle"], num_inference_steps=steps, guidance_scale=1.0, eta=recommended_eta(steps),
+                   latents=noise.clone(), generator=torch.Generator().manual_seed(1), height=32, width=32,
+                   output_type="np").images[0]
+        cell = grid[30 + 14:30 + 14 + 128, column * 128:(column + 1) * 128][::4, ::4]  # 128 px cells of 32 px
+        diff = np.abs(np.round(out * 255).astype(int) - cell.astype(int)).max()
+        print(f"{steps} step(s): max |diffusers - samples.png| = {diff} / 255")
+        assert diff <= 2, (steps, diff)

@@ -22,8 +22,6 @@ class ModelConfig:
     prediction_type: str = "auto"  # auto | epsilon | v_prediction
     single_file_config: str = ""  # local diffusers config folder for single-file checkpoints
     revision: str = ""
-    tiny_pretrain_steps: int = 200  # tiny teacher: denoising pre-training steps (models/tiny.py)
-    tiny_vae_steps: int = 100
     init_lora: str = ""           # kohya LoRA of a previous run: a frozen base under every stage here
 
 
@@ -77,10 +75,11 @@ class OutputConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     sample_steps: list = field(default_factory=lambda: [1, 2, 4, 8])
-    sample_prompts: list = field(default_factory=lambda: ["a red circle", "a blue square"])
+    sample_prompts: list = field(default_factory=lambda: ["a red circle", "a blue square", "a green square",
+                                                          "a yellow circle"])
     sample_eta: float = -1.0      # -1: the eta the run recommends per step count (1.0 at 1 step, else 0.3)
     teacher_steps: int = 25       # the teacher column of samples.png (DDIM with CFG); 0 = no column
-    teacher_guidance: float = 5.0
+    teacher_guidance: float = 3.0   # the tiny teacher draws every caption at 1.5-6 (docs/training.md)
     tensorboard: bool = False
     merge_rank: int = 0           # 0: exact merge (ranks add up); > 0: SVD re-rank, error in metrics.json
 
@@ -95,12 +94,15 @@ class StageConfig:
 
 
 def _default_stages():
-    """Every stage type in order, sized for a 2-core CPU (see docs/training.md, "Measured")."""
-    tscd = [StageConfig(segments=k, steps=20) for k in (8, 4)]
-    adv = [StageConfig(type="adversarial", segments=k, steps=20) for k in (2, 1)]
-    return tscd + adv + [StageConfig(type="feedback", segments=1, steps=20, params={"reward": "tiny", "alpha": 2.0}),
-                         StageConfig(type="score_distill", segments=1, steps=20,
-                                     params={"lr": 1e-4, "guidance": 3.0, "gen_every": 1, "reg_weight": 1.0})]
+    """Every stage type in order, sized for a 2-core CPU (docs/training.md, "Measured"): ~2 min, and the
+    unified LoRA draws the shapes task's captions at 1, 2, 4 and 8 steps."""
+    tscd = [StageConfig(segments=8, steps=80), StageConfig(segments=4, steps=80)]
+    adv = [StageConfig(type="adversarial", segments=2, steps=100), StageConfig(type="adversarial", segments=1, steps=120)]
+    feedback = StageConfig(type="feedback", segments=1, steps=40,
+                           params={"reward": "attributes", "alpha": -0.05, "reg_weight": 1.0, "lr": 1e-4})
+    dmd = StageConfig(type="score_distill", segments=1, steps=60,
+                      params={"lr": 1e-4, "guidance": 5.0, "gen_every": 5, "reg_weight": 1.0})
+    return tscd + adv + [feedback, dmd]
 
 
 @dataclass

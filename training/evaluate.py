@@ -15,38 +15,23 @@ TASK_CAPTIONS = [generated_caption(c, s) for c in COLOURS for s in SHAPES]
 TEACHER_GUIDANCE = 3.0     # the tiny teacher's CFG scale for teacher_accuracy (docs/training.md: the sweep)
 
 
-def cfg_unet_fn(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: float):
-    """(x, t) -> eps with classifier-free guidance (one batched call; no CFG when guidance == 1)."""
-    def fn(x, t, **_):
-        t = t.to(x.device)
-        if guidance == 1.0:
-            return unet(x, t, cond).sample
-        e_u, e_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
-        return e_u + guidance * (e_c - e_u)
-    return fn
-
-
 @torch.no_grad()
 def generate(base, captions: list[str], steps: int = 25, guidance: float = 1.0, seed: int = 0, eta: float = 0.0,
              unet=None, device="cpu") -> torch.Tensor:
-    """Images [-1, 1] BCHW, one per caption: TCD from noise of `seed` (eta 0: DDIM on the trailing grid).
-    `unet` defaults to base.unet (pass the student, adapters on, for a LoRA)."""
-    from schedulers import DiscreteDenoiser, sample_tcd, sigmas_from_alphas_cumprod, tcd_sigmas
+    """Images [-1, 1] BCHW, one per caption: TCD from noise of `seed` (eta 0: DDIM on the trailing grid),
+    with the sample grid's own sampler (engine/samples.py). `unet` defaults to base.unet (pass the
+    student, adapters on, for a LoRA)."""
+    from training.engine.samples import denoiser, tcd_latents
     from training.models.text import encode_prompts
 
     unet = base.unet if unet is None else unet
-    table = sigmas_from_alphas_cumprod(base.abar.detach().cpu().to(torch.float64))
-    cond = encode_prompts(base, list(captions), device)["encoder_hidden_states"]
-    uncond = encode_prompts(base, [""], device)["encoder_hidden_states"].expand_as(cond)
-    denoiser = DiscreteDenoiser(cfg_unet_fn(unet, cond, uncond, guidance), base.prediction_type, sigma_table=table)
+    cond = encode_prompts(base, list(captions), device)
+    uncond = encode_prompts(base, [""] * len(captions), device) if guidance != 1.0 else None
+    model, table = denoiser(unet, base, device, uncond, guidance)
     size = unet.config.sample_size
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(captions), unet.config.in_channels, size, size), generator=g)
-    sigmas = tcd_sigmas(steps, sigma_table=table)
-    x = (noise * (1 + sigmas[0] ** 2).sqrt().float()).to(device)
-    gn = torch.Generator().manual_seed(seed + 1)
-    latents = sample_tcd(denoiser, x, sigmas.to(device), disable=True, eta=eta, sigma_table=table,
-                         noise_sampler=lambda s, sn: torch.randn(x.shape, generator=gn).to(device))
+    noise = torch.randn((len(captions), unet.config.in_channels, size, size), generator=g).to(device)
+    latents = tcd_latents(model, table, cond, noise, steps, eta, seed + 1, device)
     vae = base.vae
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1).float()
 

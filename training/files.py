@@ -42,3 +42,22 @@ def save_json_atomic(obj, path: str) -> None:
     with _temp_path(path, ".json") as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
+
+
+@contextmanager
+def atomic_folder(folder: str):
+    """Yield a temp folder beside `folder`; on success it replaces `folder` (a folder the run itself wrote
+    earlier), on failure it is removed."""
+    import shutil
+
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
+    try:
+        yield tmp
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)

@@ -15,7 +15,7 @@ def train(cfg, args):
     return run_training(cfg, resume=args.resume, overwrite=args.overwrite, show_bar=not args.quiet).out_dir
 
 
-def run_training(cfg, resume=None, overwrite=False, show_bar=True, base=None, dataset=None):
+def run_training(cfg, resume=None, overwrite=False, show_bar=True, base=None, dataset=None, summary=True):
     """The same run as a library call; returns the finished `Run` (its UNet keeps every adapter).
 
     base: a models.base.Base to train instead of loading cfg.model.base (e.g. a pixel-space model with an
@@ -24,6 +24,7 @@ def run_training(cfg, resume=None, overwrite=False, show_bar=True, base=None, da
     from training.engine import finish, loop, setup
 
     run = setup.start_run(cfg, resume, overwrite, base=base, dataset=dataset)
+    run.summary = summary
     setup.attach_trainables(run)
     setup.resume(run, resume)
     setup.attach_data(run)

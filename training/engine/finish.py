@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from training.engine.report import print_summary, quality
 from training.stages import ADAPTER_OF
 
 
@@ -27,15 +28,19 @@ def write_outputs(run) -> None:
                                            [(g, ADAPTER_OF[g]) for g in t.groups], cfg.output.merge_rank,
                                            cfg.lora.rank, bool(t.init_rank))
     full_report, one_step = export_one_step_unet(run)
+    teacher_dir = export_teacher(run)
     t0 = time.time()
     save_png_atomic(sample_grid(run, one_step), os.path.join(run.out_dir, "samples.png"))
     metrics = {"lora": lora_path, "lora_keys": merge_report.pop("keys"), "steps": cfg.total_steps,
                "train_seconds": run.train_seconds, "sample_seconds": time.time() - t0, "family": base.family,
                "prediction_type": base.prediction_type, "merge": merge_report, "full_unet": full_report,
-               "data_cache": run.data.cache_stats,
+               "data_cache": run.data.cache_stats, "teacher_pipeline": teacher_dir,
                "stages": [stage_summary(s, run.losses.get(i, []), run.logs.get(i, []))
                           for i, s in enumerate(cfg.stages)]}
+    metrics["quality"] = quality(run)
     save_json_atomic(metrics, os.path.join(run.out_dir, "metrics.json"))
+    if run.summary:
+        print_summary(run, metrics)
 
 
 def export_one_step_unet(run):
@@ -53,6 +58,17 @@ def export_one_step_unet(run):
     path = export_full_unet(full, folder, full_unet_metadata(base.family, base.prediction_type, t_gen, cfg.model.base))
     report = {"folder": folder, "file": path, "timestep": t_gen, "parameters": sum(p.numel() for p in full.parameters())}
     return report, (full, t_gen)
+
+
+def export_teacher(run):
+    """The tiny default's teacher as a diffusers pipeline folder (<output.dir>/teacher/); None otherwise."""
+    if run.cfg.model.base != "tiny":
+        return None
+    from training.lora_files.export import export_teacher_pipeline
+    from training.stages.full_unet import folded_unet_copy
+
+    plain = folded_unet_copy(run.train.unet, []).eval()  # the base weights without any adapter
+    return export_teacher_pipeline(run.base, plain, os.path.join(run.out_dir, "teacher"))
 
 
 def sample_grid(run, one_step):

@@ -47,6 +47,7 @@ class Run:
     logs: dict = field(default_factory=dict)     # stage index -> [logged components per step]
     full_unet: Any = None        # the trained 1-step UNet copy (mode full), for finish
     train_seconds: float = 0.0
+    summary: bool = True         # print where the files are, quality figures and usage at the end
 
     @property
     def device(self):

@@ -8,7 +8,7 @@ import os
 import torch
 
 from training.diffusion import recommended_eta
-from training.files import save_file_atomic
+from training.files import atomic_folder, save_file_atomic
 from training.lora_files.kohya import LoraModule, modules_to_state_dict, save_kohya
 from training.lora_files.merge import merge_exact, svd_rerank
 from training.lora_files.peft_bridge import peft_to_kohya
@@ -96,24 +96,37 @@ def export_full_unet(unet, folder: str, metadata: dict, dtype=None):
     """<folder>/config.json + <folder>/diffusion_pytorch_model.safetensors (diffusers layout: loads with
     UNet2DConditionModel.from_pretrained(folder); the .safetensors alone loads in ComfyUI's UNETLoader for
     real SD1.5 / SDXL shapes). Written into a temp folder that is renamed into place (atomic)."""
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_folder(folder) as tmp:
         sd = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in unet.state_dict().items()}
         save_file(sd, os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
                   metadata={k: str(v) for k, v in metadata.items()})
         unet.save_config(tmp)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-    return os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    return os.path.join(os.path.abspath(folder), "diffusion_pytorch_model.safetensors")
+
+
+# --- the teacher as a diffusers pipeline (the tiny default) -------------------------------------------
+
+def export_teacher_pipeline(base, plain_unet, folder: str) -> str:
+    """`<folder>/` in StableDiffusionPipeline.save_pretrained layout (UNet without adapters, VAE, text encoder,
+    tokenizer, a DDPM scheduler config with the run's schedule), so plain diffusers can load the teacher and
+    the run's LoRA: from_pretrained(folder), load_lora_weights(lora), TCDScheduler.from_config. Written into
+    a temp folder renamed into place."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    if base.family != "sd15":
+        raise ValueError("the teacher pipeline export is for SD1.5-layout models (the tiny default)")
+    scheduler = DDPMScheduler(num_train_timesteps=len(base.abar), beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type=base.prediction_type,
+                              timestep_spacing="trailing", clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
+                                   unet=plain_unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # "Writing model shards" of the text encoder
+    with atomic_folder(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return os.path.abspath(folder)

@@ -2,8 +2,7 @@
 
 The default run needs a teacher that means something: `load_tiny_teacher` loads the shipped tiny teacher
 (training/models/tiny_teacher.safetensors: VAE, UNet and text encoder pre-trained on the generated task
-by `python -m training.models.tiny_pretrain`). `pretrain_tiny` is the older in-run pre-training (a few
-hundred steps on the run's data), kept for callers that want a teacher fitted to other data.
+by `python -m training.models.tiny_pretrain`).
 """
 from __future__ import annotations
 
@@ -97,43 +96,3 @@ def load_tiny_teacher(path: str = TEACHER_PATH):
         model.requires_grad_(False).eval()
     vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
     return unet, vae, text_encoder, tiny_tokenizer()
-
-
-def pretrain_tiny(unet, vae, text_encoder, tokenizer, pixels, captions, abar, steps=300, vae_steps=200,
-                  batch_size=16, lr=2e-3, seed=0):
-    """Fit the tiny VAE then the tiny UNet on the data; deterministic for a given seed (CPU). Works on
-    fresh models or further fits loaded ones (the shipped teacher is frozen: gradients are switched on)."""
-    unet.requires_grad_(True).train()
-    vae.requires_grad_(True).train()
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    for _ in range(vae_steps):
-        x = pixels[torch.randint(len(pixels), (batch_size,), generator=g)]
-        post = vae.encode(x).latent_dist
-        loss = (vae.decode(post.mean).sample - x).pow(2).mean() + 1e-6 * post.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.eval()
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-        ids = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        embeds = text_encoder(ids)[0]
-    cond, uncond = embeds[:-1], embeds[-1:]
-    abar = abar.float()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(len(latents), (batch_size,), generator=g)
-        x0 = latents[idx]
-        ehs = torch.where(torch.rand(batch_size, 1, 1, generator=g) < 0.1, uncond, cond[idx])
-        t = torch.randint(0, len(abar), (batch_size,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = (unet(xt, t, ehs).sample - eps).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    unet.eval()
-    return float(loss.detach())

@@ -147,9 +147,11 @@ def discriminator_step(ctx, disc, opt, real, fake, t_d, cond, kind):
 class Adversarial(Stage):
     name = "adversarial"
     params = {"enabled": True, "adv_weights": {str(k): v for k, v in DEFAULT_ADV_WEIGHTS.items()},
-              "loss": "hinge", "disc_lr": 1e-4}
+              "loss": "hinge", "disc_lr": 1e-4, "t_span": 1.0}
 
     def check_params(self, p, stage, key):
+        if not 0 < float(p["t_span"]) <= 1:
+            raise ValueError(f"config key '{key}.t_span': must be in (0, 1], got {p['t_span']}")
         if p["loss"] not in LOSSES:
             raise ValueError(f"config key '{key}.loss': {p['loss']!r} is not one of {list(LOSSES)}")
         try:
@@ -172,7 +174,7 @@ class Adversarial(Stage):
         if w == 0:
             return tl, {"tscd_loss": float(tl.detach())}
         cond, disc = batch["cond"], ctx.persistent["disc"]
-        t_d, fake, real = diffused_pair(ctx, batch, pred, target.to(pred.dtype), b, stage.segments)
+        t_d, fake, real = diffused_pair(ctx, batch, pred, target.to(pred.dtype), b, stage.segments, float(p["t_span"]))
         d_loss = discriminator_step(ctx, disc, ctx.persistent["disc_opt"], real, fake, t_d, cond, p["loss"])
         with ctx.teacher():
             g_loss = generator_adv_loss(disc(fake, t_d, cond), p["loss"])
@@ -180,13 +182,13 @@ class Adversarial(Stage):
                                  "adv_d": float(d_loss.detach()), "adv_weight": w}
 
 
-def diffused_pair(ctx, batch, pred, target, b, segments):
+def diffused_pair(ctx, batch, pred, target, b, segments, t_span=1.0):
     """PCM's adversarial consistency pair: the student's boundary prediction (fake) and the consistency
-    target (real), both diffused forward from the boundary to a random t in [t_b, t_b + T / k) with fresh
-    noise, so D judges what the stage trains (not clean data against a one-step guess)."""
+    target (real), both diffused forward from the boundary to a random t in [t_b, t_b + t_span * T / k)
+    with fresh noise, so D judges what the stage trains (not clean data against a one-step guess)."""
     grid, T = ctx.grid, ctx.grid.num_train_timesteps
     t_b = torch.where(b > 0, grid.timestep(b), torch.zeros_like(b))
-    t_d = (t_b + batch["u"][:, U["adv_t"]] * (T // segments)).long().clamp(max=T - 1)
+    t_d = (t_b + batch["u"][:, U["adv_t"]] * (t_span * T / segments)).long().clamp(max=T - 1)
     ratio = ctx.abar[t_d] / grid.abar[b]  # abar(t_d) / abar(t_b): forward diffusion from the boundary
     fake = ddim_point(pred, stage_randn(ctx, pred, 3), ratio)
     real = ddim_point(target, stage_randn(ctx, pred, 5), ratio)
