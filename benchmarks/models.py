@@ -45,18 +45,12 @@ class Task:
 # --- teacher ---------------------------------------------------------------------------------
 
 def fit(model, lr: float, steps: int, pct_start: float, loss_fn, name: str, log_every: int):
-    """AdamW + OneCycle for `steps` steps of loss_fn() (the teacher's and the classifiers' training)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=pct_start)
+    """AdamW + OneCycle for `steps` steps of loss_fn() (the teacher's and the classifiers' training): the
+    trainer's own loop (training/models/tiny_pretrain.py)."""
+    from training.models.tiny_pretrain import fit_one_cycle
+
     model.train()
-    for step in range(steps):
-        loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps - 1:
-            log(f"{name} step {step + 1}/{steps} loss {loss.item():.4f}")
+    fit_one_cycle(model.parameters(), steps, lr, loss_fn, name, pct_start, log_every, log)
     return model.eval()
 
 

@@ -162,11 +162,15 @@ def parity_stats(a, b):
             off / sum(v.numel() for v in b.values()))
 
 
-def assert_two_process_parity(one, two, files, lr=1e-3):
+def assert_two_process_parity(one, two, files, lr=1e-3, steps=2):
     """Loss per step (global means) and the written files. Tolerances: float summation order of the
     all-reduce differs; Adam (eps 1e-8) turns a ~1e-9 difference in a near-zero gradient element into a
-    different ~lr step for that element, so a few elements differ by up to ~lr, the rest by < 1e-5.
-    (Before the discriminator / fake-score noise was cut from a global draw, 1_tscd was off by 1.2e-3.)"""
+    different ~lr step for that element, so a few elements differ by up to ~lr per step (`steps` = the
+    most optimizer steps of one group), the rest by < 1e-5. DMD's mean-reduced loss has ~1000x smaller
+    gradients than the old sum / B, so more elements sit at that noise floor: measured 2.0e-3 max abs on
+    the score_distill file (2 steps), 0.58% of its elements > 1e-5, rel. Frobenius 6.7e-5, and the last
+    step's loss 3.5e-4 relative. (Before the discriminator / fake-score noise was cut from a global draw,
+    1_tscd was off by 1.2e-3 after one step.)"""
     log1 = [json.loads(line) for line in (one / "log.jsonl").read_text().splitlines()]
     log2 = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log1] == [r["step"] for r in log2]
@@ -174,9 +178,9 @@ def assert_two_process_parity(one, two, files, lr=1e-3):
     stats = {f: parity_stats(two / f, one / f) for f in files}
     print(f"2 processes vs 1: loss per step max rel diff {worst_loss:.1e}; " + "; ".join(
         f"{f}: max abs {m:.1e}, rel Frobenius {r:.1e}, elements > 1e-5: {o:.2%}" for f, (m, r, o) in stats.items()))
-    assert worst_loss < 1e-4, worst_loss
+    assert worst_loss < 1e-3, worst_loss
     for f, (m, r, o) in stats.items():
-        assert m < lr and r < 1e-4 and o < 0.005, (f, m, r, o)
+        assert m < steps * lr * 1.05 and r < 1e-4 and o < 0.01, (f, m, r, o)
     return stats
 
 

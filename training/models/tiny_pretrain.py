@@ -27,10 +27,13 @@ SETTINGS = {"seed": 0, "num_images": 512, "image_size": 32, "vae_steps": 300, "v
             "unet_steps": 2000, "unet_batch": 32, "unet_lr": 2e-3, "caption_dropout": 0.1}
 
 
-def _fit(params, steps: int, lr: float, loss_fn, name: str = ""):
-    """AdamW + one-cycle schedule for `steps` steps of loss_fn(); returns the mean loss of the last 10%."""
+def fit_one_cycle(params, steps: int, lr: float, loss_fn, name: str = "", pct_start: float = 0.15, log_every=100,
+                  log=None):
+    """AdamW + one-cycle schedule for `steps` steps of loss_fn(); returns the mean loss of the last 10%.
+    Also the quality benchmark's teacher and classifier training (benchmarks/models.py)."""
     opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=pct_start)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tail = []
     for step in range(steps):
         loss = loss_fn()
@@ -38,8 +41,8 @@ def _fit(params, steps: int, lr: float, loss_fn, name: str = ""):
         loss.backward()
         opt.step()
         sched.step()
-        if name and (step + 1) % 100 == 0:
-            print(f"{name} step {step + 1}/{steps} loss {float(loss.detach()):.4f}", file=sys.stderr, flush=True)
+        if name and (step + 1) % log_every == 0:
+            log(f"{name} step {step + 1}/{steps} loss {float(loss.detach()):.4f}")
         if step >= steps - max(1, steps // 10):
             tail.append(float(loss.detach()))
     return sum(tail) / len(tail)
@@ -52,7 +55,7 @@ def train_vae(vae, pixels, steps, batch, lr, gen) -> dict:
         return (vae.decode(post.mean).sample - x).pow(2).mean() + 1e-6 * post.kl().mean()
 
     vae.train()
-    loss = _fit(vae.parameters(), steps, lr, loss_fn, "vae")
+    loss = fit_one_cycle(vae.parameters(), steps, lr, loss_fn, "vae")
     vae.eval()
     with torch.no_grad():
         mean = vae.encode(pixels).latent_dist.mean
@@ -82,7 +85,8 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, captions, abar, s, ge
 
     unet.train()
     text_encoder.train()
-    loss = _fit(list(unet.parameters()) + list(text_encoder.parameters()), s["unet_steps"], s["unet_lr"], loss_fn, "unet")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    loss = fit_one_cycle(params, s["unet_steps"], s["unet_lr"], loss_fn, "unet")
     unet.eval()
     text_encoder.eval()
     return {"unet_loss": loss}
