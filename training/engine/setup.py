@@ -43,7 +43,7 @@ def start_run(cfg, resume=None, overwrite=False, base=None, dataset=None) -> Run
     if base is None:
         base = load_base(cfg.model)
         if cfg.model.base == "tiny":
-            tiny_teacher(base, cfg, ds, cfg.output.dir, accelerator)
+            copy_tiny_teacher(cfg.output.dir, accelerator)
     place_frozen_base(base, cfg, accelerator.device)
     return Run(cfg, accelerator, cfg.output.dir, base, data, resources, t_start=t_start,
                full_stage=next((s for s in cfg.stages if is_full(s)), None))
@@ -68,7 +68,7 @@ def prepare_output(out_dir, resume, overwrite, accelerator):
     accelerator.wait_for_everyone()
 
 
-def tiny_teacher(base, cfg, ds, out_dir, accelerator):
+def copy_tiny_teacher(out_dir, accelerator):
     """The tiny teacher is shipped (training/models/tiny_teacher.safetensors, loaded by build_tiny; made by
     python -m training.models.tiny_pretrain): a copy goes into the output folder, for the record."""
     from training.models import tiny
