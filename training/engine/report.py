@@ -74,7 +74,7 @@ def _quality_lines(q):
 
 def _usage_lines(run, metrics):
     lora = os.path.join(run.out_dir, run.cfg.output.name + ".safetensors")
-    base = metrics.get("teacher_pipeline") or run.cfg.model.base
+    base = os.path.join(run.out_dir, "teacher") if metrics.get("teacher_pipeline") else run.cfg.model.base
     return ["How to use it:",
             f"  ComfyUI: copy {lora} into ComfyUI/models/loras/, load it with the Hyper-SD LoRA Loader (it reads "
             "the recommended settings from the file) and sample with TCD at 1-8 steps, cfg 1.0, eta 1.0 at 1 step "
