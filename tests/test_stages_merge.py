@@ -141,3 +141,9 @@ def test_run_export_writes_stage_files_and_unified_lora(tmp_path, merge_rank):
         assert report["rank"] == 3 and 1e-3 < err < 1 and report["svd_rel_error"] == pytest.approx(err, rel=1e-3)
     else:
         assert report["rank"] == 8 and err < 1e-6
+
+
+@pytest.mark.parametrize("name", ["eval", "train", "to", "my adapter"])
+def test_adapter_names_that_would_shadow_module_methods_are_refused(name):
+    with pytest.raises(ValueError, match="adapter name"):
+        add_adapter(tiny_unet(), name, 2, 2.0)

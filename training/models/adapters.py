@@ -29,6 +29,9 @@ def add_adapter(unet, name: str, rank: int, alpha: float, targets=UNET_LORA_TARG
     used on its own); training.run leaves that to `AdapterStack`."""
     from peft import LoraConfig
 
+    if not name.isidentifier() or hasattr(torch.nn.Module, name):
+        raise ValueError(f"LoRA adapter name {name!r}: expected an identifier that is not an nn.Module "
+                         "attribute (peft stores adapters in ModuleDicts: 'eval' or 'train' would shadow methods)")
     check_targets(unet, targets)
     if trainable:
         unet.requires_grad_(False)
