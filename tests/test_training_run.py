@@ -150,3 +150,47 @@ def test_teacher_pipeline_and_lora_reproduce_samples_png_in_plain_diffusers(refe
         diff = np.abs(np.round(out * 255).astype(int) - cell.astype(int)).max()
         print(f"{steps} step(s): max |diffusers - samples.png| = {diff} / 255")
         assert diff <= 2, (steps, diff)
+
+
+def test_overwrite_refuses_folders_the_trainer_did_not_make(tmp_path):
+    """--overwrite replaces only a folder with the trainer's marker; an unrelated folder is left whole."""
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    p = run(other, "--overwrite", check=False)
+    assert p.returncode == 2 and "was not created by training.run" in p.stderr and "Traceback" not in p.stderr
+    assert (other / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("where", [".", "..", "~"])
+def test_working_directory_its_parents_and_home_are_never_output(where):
+    p = subprocess.run([sys.executable, "-m", "training.run", "--quiet", "--overwrite", "--set",
+                        f"output.dir={os.path.expanduser(where)}"], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert p.returncode == 2 and "output.dir" in p.stderr and "Traceback" not in p.stderr
+    assert os.path.isdir(os.path.join(REPO, ".git")) or os.path.isfile(os.path.join(REPO, "README.md"))
+
+
+def test_bad_input_with_overwrite_keeps_the_finished_run(reference, tmp_path):
+    """A typo in the data path with --overwrite: the error comes before the old run is touched."""
+    import shutil
+
+    done = tmp_path / "done"
+    shutil.copytree(reference, done)
+    p = run(done, "--overwrite", "--set", "data.source=/no/such/folder", check=False)
+    assert p.returncode == 2 and "data.source" in p.stderr and "Traceback" not in p.stderr
+    assert (done / "hyper_sd_lora.safetensors").is_file() and (done / "metrics.json").is_file()
+
+
+def test_a_diverged_run_stops_with_the_stage_and_step_and_writes_no_lora(tmp_path):
+    out = tmp_path / "diverged"
+    p = run(out, "--set", "optim.lr=1e30", "--set", "optim.max_grad_norm=0", check=False)
+    import re
+
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert re.search(r"stage \d/3 \(tscd, k=\d\), step \d+: the loss is (nan|inf)", p.stderr) and "optim.lr" in p.stderr
+    assert not (out / "hyper_sd_lora.safetensors").exists() and not (out / "stages").exists()
+
+
+def test_resume_latest_without_a_checkpoint_is_an_error(tmp_path):
+    p = run(tmp_path / "fresh", "--resume", "latest", check=False)
+    assert p.returncode == 2 and "no complete checkpoint" in p.stderr

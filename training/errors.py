@@ -16,4 +16,9 @@ class ModelError(ValueError):
     """The base model cannot be loaded (the message names `model.base` and what was expected)."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError)
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or inf: the run stops there (nothing non-finite is exported); the message names
+    the stage, the step and the value, and the settings to lower."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, TrainingDiverged, FileExistsError, FileNotFoundError)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from training.engine.batches import micro_batch
+from training.errors import TrainingDiverged
 from training.stages import GROUP_OF, get_stage
 from training.stages.base import StageContext
 
@@ -104,6 +106,11 @@ def record_step(run, logger, active, loss, logs):
     row = {"lr": run.train.lr_sched.get_last_lr()[0], **logs}
     if loss is not None:
         row["loss"] = loss_global = float(run.accelerator.reduce(loss.detach().float().reshape(1), "mean"))
+        if not math.isfinite(loss_global):  # the same global value on every process: all stop together
+            s = active.stage
+            raise TrainingDiverged(f"stage {active.index + 1}/{len(run.cfg.stages)} ({s.type}, k={s.segments}), step "
+                                   f"{run.step}: the loss is {loss_global}; the run stopped before writing any "
+                                   "LoRA. Lower optim.lr (or the stage's params.lr) or set optim.max_grad_norm.")
         run.losses.setdefault(active.index, []).append(loss_global)
     run.logs.setdefault(active.index, []).append(logs)
     s = active.stage

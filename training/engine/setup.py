@@ -13,6 +13,7 @@ import time
 import torch
 
 from training.config import to_dict
+from training.engine.output import check_output_dir, prepare_output
 from training.engine.state import Run, RunData, Trainables
 from training.errors import ConfigError
 from training.stages import ADAPTER_OF, get_stage, plan_groups
@@ -32,18 +33,20 @@ def start_run(cfg, resume=None, overwrite=False, base=None, dataset=None) -> Run
     t_start = time.time()
     accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision)
     micro_global = check_batch_split(cfg, accelerator.num_processes)
-    prepare_output(cfg.output.dir, resume, overwrite, accelerator)
-    if accelerator.is_main_process:
-        save_json_atomic(to_dict(cfg), os.path.join(cfg.output.dir, "config.json"))
+    check_output_dir(cfg.output.dir, resume, overwrite)  # before anything loads: nothing is deleted yet
     torch.manual_seed(cfg.seed)
     ds = dataset if dataset is not None else build_dataset(to_dict(cfg)["data"])
     data = RunData(ds, BucketBatchSampler(ds.bucket_ids, micro_global, seed=cfg.seed))
     resources = {i: r for i, s in enumerate(cfg.stages)
                  if (r := get_stage(s.type).preflight(s, i, accelerator.device)) is not None}
-    if base is None:
-        base = load_base(cfg.model)
-        if cfg.model.base == "tiny":
-            copy_tiny_teacher(cfg.output.dir, accelerator)
+    from_tiny = base is None and cfg.model.base == "tiny"
+    base = load_base(cfg.model) if base is None else base
+    # data, rewards and the model loaded: only now may a previous run's folder be replaced
+    prepare_output(cfg.output.dir, resume, overwrite, accelerator)
+    if accelerator.is_main_process:
+        save_json_atomic(to_dict(cfg), os.path.join(cfg.output.dir, "config.json"))
+    if from_tiny:
+        copy_tiny_teacher(cfg.output.dir, accelerator)
     place_frozen_base(base, cfg, accelerator.device)
     return Run(cfg, accelerator, cfg.output.dir, base, data, resources, t_start=t_start,
                full_stage=next((s for s in cfg.stages if is_full(s)), None))
@@ -55,17 +58,6 @@ def check_batch_split(cfg, n_proc: int) -> int:
         raise ConfigError(f"config key 'optim.batch_size': {cfg.optim.batch_size} must be divisible by "
                           f"optim.grad_accum ({cfg.optim.grad_accum}) x processes ({n_proc})")
     return cfg.optim.batch_size // cfg.optim.grad_accum
-
-
-def prepare_output(out_dir, resume, overwrite, accelerator):
-    if accelerator.is_main_process:
-        if os.path.isdir(out_dir) and os.listdir(out_dir) and not resume:
-            if not overwrite:
-                raise FileExistsError(f"output folder {out_dir} exists and is not empty; pass --overwrite "
-                                      "to replace it or --resume latest to continue")
-            shutil.rmtree(out_dir)
-        os.makedirs(out_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
 
 
 def copy_tiny_teacher(out_dir, accelerator):

@@ -61,8 +61,11 @@ def load_kohya(path: str) -> dict[str, LoraModule]:
 
 
 def modules_to_state_dict(modules: dict[str, LoraModule], dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Kohya tensors; a non-finite value is an error (a diverged LoRA is never written)."""
     sd = {}
     for name, m in modules.items():
+        if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all()):
+            raise ValueError(f"LoRA module {name} has NaN or inf weights: refusing to write it")
         sd[name + DOWN] = m.down.to(dtype).contiguous()
         sd[name + UP] = m.up.to(dtype).contiguous()
         sd[name + ALPHA] = torch.tensor(float(m.alpha), dtype=dtype)
