@@ -7,6 +7,7 @@ import torch
 
 from benchmarks import shapes
 from schedulers import DiscreteDenoiser, sample_tcd, tcd_sigmas
+from training.evaluate import frechet_distance
 
 
 def lora_student(teacher, make_unet, lora_path):
@@ -20,20 +21,6 @@ def lora_student(teacher, make_unet, lora_path):
     unet.set_adapter("student")
     unet.requires_grad_(False)
     return unet.eval()
-
-
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    f1, f2 = f1.double(), f2.double()
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
-
-    def sqrtm_psd(m):
-        w, v = torch.linalg.eigh((m + m.T) / 2)
-        return (v * w.clamp_min(0).sqrt()) @ v.T
-
-    r1 = sqrtm_psd(s1)
-    cross = sqrtm_psd(r1 @ s2 @ r1)
-    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1 + s2 - 2 * cross))
 
 
 # --- sampling through the product's schedulers ------------------------------------------------------

@@ -66,7 +66,7 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
     def sqrtm_psd(m):
         vals, vecs = torch.linalg.eigh((m + m.T) / 2)
-        return vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+        return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
     s1 = sqrtm_psd(c1)
     cross = sqrtm_psd(s1 @ c2 @ s1)
