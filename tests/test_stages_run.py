@@ -220,3 +220,20 @@ def test_missing_reward_model_fails_before_training(pipeline, tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "stages[0].params.reward" in p.stderr and "no-clip" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "o" / "tiny_teacher.safetensors").exists()  # failed before any training
+
+
+def test_stage_snapshots_are_each_stage_lora_as_it_ended(tmp_path):
+    """output.stage_snapshots: TSCD's k = 8 and k = 4 LoRAs as those stages ended, usable at 8 / 4 steps."""
+    from safetensors import safe_open
+
+    plan = [{"type": "tscd", "segments": 8, "steps": 2}, {"type": "tscd", "segments": 4, "steps": 1}]
+    run(tmp_path / "run", "output.stage_snapshots=true", plan=plan)
+    snaps = tmp_path / "run" / "stages" / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["1_tscd_k8.safetensors", "2_tscd_k4.safetensors"]
+    k8, k4 = load_file(snaps / "1_tscd_k8.safetensors"), load_file(snaps / "2_tscd_k4.safetensors")
+    final = load_file(tmp_path / "run" / "stages" / "1_tscd.safetensors")
+    assert k4.keys() == final.keys() and all(torch.equal(k4[k], final[k]) for k in final)  # the last stage = the end
+    assert max(float((k8[k] - k4[k]).abs().max()) for k in k8) > 0  # the k = 4 step changed the LoRA after k = 8
+    for name, steps in (("1_tscd_k8", "8"), ("2_tscd_k4", "4")):
+        with safe_open(str(snaps / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["hypersd.recommended_steps"] == steps

@@ -82,6 +82,7 @@ class OutputConfig:
     teacher_guidance: float = 3.0   # the tiny teacher draws every caption at 1.5-6 (docs/training.md)
     tensorboard: bool = False
     merge_rank: int = 0           # 0: exact merge (ranks add up); > 0: SVD re-rank, error in metrics.json
+    stage_snapshots: bool = False  # also write each stage's LoRA as it ends (stages/snapshots/): e.g. TSCD's k-step LoRAs
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from training.engine.batches import micro_batch
@@ -117,6 +117,25 @@ def record_step(run, logger, active, loss, logs):
     logger.log(run.step, f"stage {active.index + 1}/{len(run.cfg.stages)} {s.type} k={s.segments}", row)
 
 
+def save_stage_snapshot(run, active):
+    """stages/snapshots/<i>_<type>_k<segments>.safetensors: the stage group's adapter as the stage ends (only
+    that adapter: with model.init_lora or an earlier group the model is those plus this file), with the
+    metadata of a run that ended there, so TSCD's k = 8 / 4 / 2 LoRAs can be used at their own step counts."""
+    import os
+
+    from training.lora_files.export import export_lora, lora_metadata
+    from training.stages import ADAPTER_OF
+
+    if not run.accelerator.is_main_process:
+        return
+    cfg, s, i = run.cfg, active.stage, active.index
+    folder = os.path.join(run.out_dir, "stages", "snapshots")
+    os.makedirs(folder, exist_ok=True)
+    meta = lora_metadata(replace(cfg, stages=cfg.stages[:i + 1]), run.base.family, run.base.prediction_type)
+    export_lora(run.train.unet, os.path.join(folder, f"{i + 1}_{s.type}_k{s.segments}.safetensors"), meta,
+                ADAPTER_OF[GROUP_OF[s.type]])
+
+
 def train_stages(run, show_bar=True):
     from training.engine import checkpoint as ckpt
     from training.engine.progress import RunLogger
@@ -132,6 +151,8 @@ def train_stages(run, show_bar=True):
             active = start_stage(run, index, stage)
         loss, logs = optimizer_step(run, active)
         record_step(run, logger, active, loss, logs)
+        if cfg.output.stage_snapshots and run.step == active.ctx.stage_start + stage.steps:
+            save_stage_snapshot(run, active)
         if run.step % cfg.output.checkpoint_every == 0 or run.step == cfg.total_steps:
             ckpt.save_checkpoint(run.accelerator, run.out_dir, run.step, cfg.output.keep_checkpoints,
                                  run.train.persistent)
