@@ -24,7 +24,9 @@ def list_checkpoints(out_dir):
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator, out_dir, step, keep, extra=None):
+def save_checkpoint(accelerator, out_dir, step, keep, extra=None, data_state=None):
+    """data_state: a streaming data source's position (a small JSON dict, every process's streams), kept in
+    trainer_state.json so --resume continues where the data stopped."""
     root = checkpoint_dir(out_dir)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp-step_{step:06d}")
@@ -38,7 +40,7 @@ def save_checkpoint(accelerator, out_dir, step, keep, extra=None):
         if extra:
             save_extra(tmp, extra)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump({"step": step, **({"data": data_state} if data_state is not None else {})}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(out_dir)[:-keep]:
@@ -61,6 +63,12 @@ def load_checkpoint(accelerator, path):
     accelerator.load_state(path)
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)["step"]
+
+
+def load_data_state(path):
+    """The streaming data source's position saved by save_checkpoint (None: the run had no streaming source)."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f).get("data")
 
 
 # --- stage state outside the LoRA optimizer (discriminator, fake-score optimizer): safetensors only ---
