@@ -17,6 +17,7 @@ from ..releases import (NO_RELEASE, RELEASE_NAMES, Release, download_release, ge
 from .lora.families import lora_family, model_family
 from .lora.files import check_safetensors, load_safetensors, safe_relative_name
 from .lora.keys import to_kohya
+from .lora.lycoris import materialize_lokr_tucker
 from .lora.matching import MatchReport, match_modules
 
 log = logging.getLogger("HyperSD")
@@ -64,7 +65,19 @@ def _model_family_name(model) -> str:
     return model_family(type(model.model.model_config).__name__)
 
 
-def _check_matches(lora_sd: dict, model, clip, source: str) -> tuple[MatchReport, str]:
+def _refuse_broken(report: MatchReport, conv, source: str, name: str) -> None:
+    if report.defects:
+        key, problem = report.defects[0]
+        raise ValueError(f"{source}: {name} has {len(report.defects)} broken LoRA module(s), e.g. "
+                         f"{conv.origin.get(key, key)!r}: {problem}; the file is refused and nothing is applied "
+                         "(re-export or re-convert the LoRA)")
+    if not report.total:
+        raise ValueError(f"{source}: {name} has no LoRA or LyCORIS tensors ({len(report.unknown_keys)} tensors "
+                         f"of unknown kind, e.g. {report.unknown_keys[:3]}); expected kohya, diffusers, PEFT, "
+                         "LoHa or LoKr keys")
+
+
+def _check_matches(lora_sd: dict, model, clip, source: str, conv, name: str) -> tuple[MatchReport, str]:
     import comfy.lora
 
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
@@ -73,6 +86,7 @@ def _check_matches(lora_sd: dict, model, clip, source: str) -> tuple[MatchReport
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
         shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
     report = match_modules(lora_sd, key_map, shapes)
+    _refuse_broken(report, conv, source, name)
     family, lora_fam = _model_family_name(model), lora_family(lora_sd)
     if lora_fam is not None and family in ("SD15", "SD2", "SDXL", "SD3", "FLUX") and lora_fam != family:
         raise ValueError(f"{source}: this LoRA is for {lora_fam} but the model is {family}; "
@@ -105,20 +119,30 @@ def _drop_text_encoder(sd: dict) -> tuple[dict, int]:
 def load_and_apply(model, clip, path: str, strength_model: float, strength_clip: float, source: str):
     import comfy.sd
 
+    name = os.path.basename(path)
     raw = load_safetensors(path, source)
+    if not raw:
+        raise ValueError(f"{source}: {name} contains no tensors (an empty LoRA file)")
     conv = to_kohya(raw)
     sd, dropped = (conv.state_dict, 0) if clip is not None else _drop_text_encoder(conv.state_dict)
     if not sd:
-        raise ValueError(f"{source}: {os.path.basename(path)} has no UNet LoRA keys (text-encoder only) and no CLIP is connected")
-    report, family = _check_matches(sd, model, clip, source)
+        raise ValueError(f"{source}: {name} has no UNet LoRA keys (text-encoder only) and no CLIP is connected")
+    report, family = _check_matches(sd, model, clip, source, conv, name)
+    # Only validated modules go to ComfyUI, so `info` says exactly what was applied.
+    unknown = set(report.unknown_keys)
+    sd, _ = materialize_lokr_tucker({k: v for k, v in sd.items() if k not in unknown})
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, sd, strength_model, strength_clip)
     formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(conv.formats.items()))
-    info = (f"{os.path.basename(path)}: applied {len(report.matched)}/{report.total} modules to {family} "
-            f"(tensors: {formats}); strength model {strength_model:g}, clip {strength_clip:g}")
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(report.kind_counts().items()))
+    info = (f"{name}: applied {len(report.matched)}/{report.total} modules to {family} "
+            f"({kinds}; tensors: {formats}); strength model {strength_model:g}, clip {strength_clip:g}")
     if dropped:
         info += f"; {dropped} text-encoder tensors skipped (no CLIP connected)"
+    if report.unknown_keys:
+        info += f"; {len(report.unknown_keys)} tensors of unknown kind not applied, e.g. {report.unknown_keys[:3]}"
     if report.unmatched:
         info += f"; {len(report.unmatched)} modules not in this model, e.g. {report.unmatched[:3]}"
+    if report.unmatched or report.unknown_keys:
         log.warning("HyperSD LoRA: %s", info)
     else:
         log.info("HyperSD LoRA: %s", info)

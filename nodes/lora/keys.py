@@ -12,17 +12,22 @@ from dataclasses import dataclass, field
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out",
               "time_embedding.", "add_embedding.")
-# (suffix, role) in the order they are tried; role is "down", "up" or "alpha".
+# LyCORIS roles (key suffix without the dot), as ComfyUI's comfy/weight_adapter (loha.py, lokr.py)
+# and comfy/lora.py (full "diff", norms) read them.
+LYCORIS_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                 "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                 "diff", "diff_b", "w_norm", "b_norm")
+# (suffix, role) in the order they are tried; role is "down", "up", "mid", "alpha", "dora_scale" or a LyCORIS role.
 _SUFFIXES = (
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # old diffusers: to_q_lora.down
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
-    (".alpha", "alpha"),
-)
-_KOHYA_SUFFIX = {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"}
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
+    (".alpha", "alpha"), (".dora_scale", "dora_scale"),
+) + tuple(("." + role, role) for role in LYCORIS_ROLES)
+_KOHYA_SUFFIX = {"down": ".lora_down.weight", "up": ".lora_up.weight", "mid": ".lora_mid.weight"}
 _OLD_TE_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
@@ -72,6 +77,7 @@ class Conversion:
     state_dict: dict
     formats: dict = field(default_factory=dict)  # format name -> number of tensors
     unknown: list = field(default_factory=list)  # keys passed through untouched
+    origin: dict = field(default_factory=dict)  # new key -> the key as the file wrote it (for error messages)
 
 
 def key_format(key: str) -> str:
@@ -81,6 +87,8 @@ def key_format(key: str) -> str:
     if split is None:
         return "unknown"
     path, role, old = split
+    if role in LYCORIS_ROLES:
+        return "lycoris"
     if old or ".processor." in path:
         return "diffusers-old"
     if key.startswith("base_model.model."):
@@ -102,12 +110,13 @@ def to_kohya(state_dict: dict) -> Conversion:
             target = _target(path, old)
             if target is not None:
                 prefix, module = target
-                new_key = prefix + module.replace(".", "_") + _KOHYA_SUFFIX[role]
+                new_key = prefix + module.replace(".", "_") + _KOHYA_SUFFIX.get(role, "." + role)
         if fmt == "unknown" or new_key == key and fmt != "kohya":
             conv.unknown.append(key)
         if new_key in out:
             raise ValueError(f"lora: two keys map to {new_key!r} (duplicate LoRA entries for one module)")
         out[new_key] = tensor
+        conv.origin[new_key] = key
     conv.state_dict = out
     return conv
 
