@@ -10,11 +10,11 @@ import torch
 from comfy_api.latest import io
 
 from ..schedulers import one_step as one_step_math
-from .tcd import model_sampling_table
+from .sampling_kind import discrete_sigma_table
 
 
 def sample_one_step(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    table = model_sampling_table(model.inner_model.inner_model.model_sampling, "HyperSDOneStepSampler")
+    table = discrete_sigma_table(model.inner_model.inner_model.model_sampling, "HyperSDOneStepSampler")
     try:
         return one_step_math.sample_one_step(model, x, sigmas, extra_args, callback, disable, sigma_table=table)
     except FloatingPointError as e:
@@ -67,7 +67,7 @@ class HyperSDOneStepScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, timestep) -> io.NodeOutput:
-        table = model_sampling_table(model.get_model_object("model_sampling"), "HyperSDOneStepScheduler")
+        table = discrete_sigma_table(model.get_model_object("model_sampling"), "HyperSDOneStepScheduler")
         if not isinstance(timestep, int) or not 1 <= timestep <= len(table) - 1:
             raise ValueError(f"HyperSDOneStepScheduler timestep: expected an integer in [1, {len(table) - 1}], "
                              f"got {timestep!r}")

@@ -6,11 +6,15 @@ module only feeds it the model's own sigma table and ComfyUI's seeded noise, pro
 from __future__ import annotations
 
 import logging
+import math
+import os
+import sys
 
 import torch
 from comfy_api.latest import io
 
 from ..schedulers import tcd as tcd_math
+from .sampling_kind import discrete_sigma_table
 
 log = logging.getLogger("HyperSD")
 
@@ -21,20 +25,10 @@ ETA_TOOLTIP = (
 )
 
 
-def model_sampling_table(model_sampling, who: str) -> torch.Tensor:
-    """The model's discrete sigma table (float64); TCD is defined on discrete VP timesteps only."""
-    sigmas = getattr(model_sampling, "sigmas", None)
-    if sigmas is None or sigmas.ndim != 1 or len(sigmas) < 2 or not hasattr(model_sampling, "timestep"):
-        raise ValueError(
-            f"{who}: needs a discrete-timestep (SD1.5/SDXL-style) model; this model's sampling is "
-            f"{type(model_sampling).__name__}, which has no sigma table"
-        )
-    return sigmas.detach().to("cpu", torch.float64)
-
-
 def _table_of_denoiser(model) -> torch.Tensor:
     # KSamplerX0Inpaint -> CFGGuider wrapper -> BaseModel, as ComfyUI's own samplers reach it.
-    return model_sampling_table(model.inner_model.inner_model.model_sampling, "sampler tcd")
+    return discrete_sigma_table(model.inner_model.inner_model.model_sampling,
+                                "TCD sampler (KSampler 'tcd' / HyperSDTCDSampler)")
 
 
 def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, eta=0.3):
@@ -59,7 +53,7 @@ def tcd_scheduler_sigmas(model_sampling, steps: int, denoise: float = 1.0, who: 
         raise ValueError(f"{who}: steps must be an integer >= 1, got {steps!r}")
     if not 0.0 < float(denoise) <= 1.0:
         raise ValueError(f"{who}: denoise must be in (0, 1], got {denoise!r} (0 would sample nothing)")
-    table = model_sampling_table(model_sampling, who)
+    table = discrete_sigma_table(model_sampling, who)
     try:
         sigmas = tcd_math.tcd_sigmas(steps, float(denoise), sigma_table=table)
     except ValueError as e:
@@ -67,8 +61,44 @@ def tcd_scheduler_sigmas(model_sampling, steps: int, denoise: float = 1.0, who: 
     return sigmas.to(torch.float32)
 
 
+# Callers that hand a scheduler int(steps / denoise) steps when denoise < 1 and keep the last `steps`
+# sigmas: (file, function) -> the name shown to the user.
+_DENOISE_CALLERS = {("samplers.py", "set_steps"): "KSampler", ("nodes_custom_sampler.py", "get_sigmas"): "BasicScheduler"}
+
+
+def _steps_entered(max_depth: int = 8) -> tuple[str, int, float] | None:
+    """(node, steps, denoise) as the user entered them, when KSampler or BasicScheduler called us.
+
+    ComfyUI passes a scheduler only int(steps / denoise) (80 for 4 steps at denoise 0.05), a number
+    the user never typed; the caller's frame is the one place that still has both inputs.
+    """
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        code = frame.f_code
+        node = _DENOISE_CALLERS.get((os.path.basename(code.co_filename), code.co_name))
+        steps, denoise = frame.f_locals.get("steps"), frame.f_locals.get("denoise")
+        if node is not None and isinstance(steps, int) and isinstance(denoise, (int, float)):
+            return node, steps, float(denoise)
+        frame = frame.f_back
+    return None
+
+
 def _ksampler_tcd_scheduler(model_sampling, steps):
-    return tcd_scheduler_sigmas(model_sampling, int(steps), 1.0, who="KSampler scheduler 'tcd'")
+    entered = _steps_entered()
+    who = f"{entered[0] if entered else 'KSampler'} scheduler 'tcd'"
+    discrete_sigma_table(model_sampling, who)  # a flow / EDM model fails here, whatever the steps
+    if steps > tcd_math.TCD_GRID_STEPS and entered is not None and entered[2] < 0.9999:
+        node, user_steps, denoise = entered
+        raise ValueError(
+            f"{node} scheduler 'tcd': steps {user_steps} at denoise {denoise:g} make {node} ask the scheduler for "
+            f"int({user_steps} / {denoise:g}) = {steps} steps and keep the last {user_steps}, but TCD picks its "
+            f"timesteps from a {tcd_math.TCD_GRID_STEPS}-step grid. Raise denoise to at least "
+            f"{math.ceil(100 * user_steps / tcd_math.TCD_GRID_STEPS) / 100:g} (steps / {tcd_math.TCD_GRID_STEPS}) "
+            "or lower steps; for "
+            "img2img the HyperSDTCDScheduler's denoise works like diffusers' strength")
+    return tcd_scheduler_sigmas(model_sampling, int(steps), 1.0, who=who)
 
 
 def register_ksampler_entries() -> None:

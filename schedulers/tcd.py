@@ -14,9 +14,11 @@ import torch
 
 from .vp import default_sigma_table, sigma_to_timestep
 
+TCD_GRID_STEPS = 50  # diffusers' original_inference_steps: the trailing grid TCD picks its timesteps from
+
 
 def tcd_timesteps(
-    steps: int, denoise: float = 1.0, num_train_timesteps: int = 1000, original_inference_steps: int = 50
+    steps: int, denoise: float = 1.0, num_train_timesteps: int = 1000, original_inference_steps: int = TCD_GRID_STEPS
 ) -> list[int]:
     """The timesteps of diffusers ``TCDScheduler.set_timesteps(steps, strength=denoise)``.
 
