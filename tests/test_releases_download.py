@@ -36,6 +36,7 @@ def _payload() -> bytes:
 class _FakeHub(http.server.BaseHTTPRequestHandler):
     payload = b""
     requests: list = []
+    truncate = False  # send half the file, then drop the connection
 
     def _headers(self):
         etag = hashlib.sha256(self.payload).hexdigest()
@@ -59,7 +60,8 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.requests.append(("GET", self.path))
         if self._headers():
-            self.wfile.write(self.payload)
+            self.wfile.write(self.payload[: len(self.payload) // 2] if self.truncate else self.payload)
+            self.close_connection = self.truncate
 
     def log_message(self, *args):
         pass
@@ -76,7 +78,7 @@ def _run(target: Path, env_extra: dict, file: str = FILE) -> dict:
 
 @pytest.fixture
 def fake_hub():
-    _FakeHub.payload, _FakeHub.requests = _payload(), []
+    _FakeHub.payload, _FakeHub.requests, _FakeHub.truncate = _payload(), [], False
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -91,7 +93,20 @@ def test_download_from_local_endpoint_lands_in_loras_folder(tmp_path, fake_hub):
     path = Path(result["path"])
     assert path == loras / FILE and path.read_bytes() == _FakeHub.payload
     assert ("GET", f"/ByteDance/Hyper-SD/resolve/main/{FILE}") in _FakeHub.requests
-    assert not [p for p in loras.rglob("*.incomplete")]
+    assert _tree(loras) == [FILE]  # no .cache/huggingface bookkeeping (.lock, .metadata) left behind
+
+
+def _tree(folder: Path) -> list:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _user_loras(tmp_path: Path) -> Path:
+    """A loras folder with the user's own files, one inside a .cache folder the download also uses."""
+    loras = tmp_path / "loras"
+    (loras / ".cache" / "mine").mkdir(parents=True)
+    (loras / "my_lora.safetensors").write_bytes(b"mine")
+    (loras / ".cache" / "mine" / "note.txt").write_text("mine")
+    return loras
 
 
 def test_offline_gives_one_clear_error_naming_file_and_place(tmp_path):
@@ -101,7 +116,20 @@ def test_offline_gives_one_clear_error_naming_file_and_place(tmp_path):
     assert msg.startswith(f"release: could not download {FILE} from ByteDance/Hyper-SD")
     assert f"https://huggingface.co/ByteDance/Hyper-SD/resolve/main/{FILE}" in msg
     assert str(loras / FILE) in msg
-    assert not (loras / FILE).exists()
+    assert not loras.exists()  # the download made the folder and its .lock: both gone again
+
+
+def test_failed_download_leaves_the_loras_folder_as_it_was(tmp_path, fake_hub):
+    """Issue 13 item 10: an offline or broken download left .cache/huggingface/download/*.lock (and
+    .incomplete) in the loras folder; the user's own files, even inside .cache, stay."""
+    loras = _user_loras(tmp_path)
+    before = _tree(loras)
+    assert "error" in _run(loras, {"HF_HUB_OFFLINE": "1"})
+    assert _tree(loras) == before
+    _FakeHub.truncate = True  # the connection drops mid-file (huggingface_hub retries 5 times, ~5 s)
+    result = _run(loras, {"HF_ENDPOINT": fake_hub})
+    assert "RemoteProtocolError" in result["error"] and str(loras / FILE) in result["error"]
+    assert _tree(loras) == before
 
 
 def test_file_missing_on_hub_error(tmp_path, fake_hub):
