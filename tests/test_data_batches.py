@@ -128,3 +128,11 @@ def test_random_crop_stays_inside_and_varies():
         assert top == 0 and 0 <= left <= 96 - 32     # resized to 96x32
         offsets.add(left)
     assert len(offsets) > 5
+
+
+def test_fewer_images_than_the_batch_names_the_real_key():
+    from training.data import DataError
+
+    with pytest.raises(DataError, match=r"'optim\.batch_size'.*larger than every bucket") as e:
+        BucketBatchSampler([0, 0], 4)
+    assert "data.batch_size" not in str(e.value)

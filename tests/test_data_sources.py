@@ -164,3 +164,15 @@ def test_exif_orientation_applied(tmp_path):
     (tmp_path / "rot.txt").write_text("rotated")
     ds = build_dataset({"source": "folder", "path": str(tmp_path), "resolution": 16})
     assert ds[0]["original_size"].tolist() == [40, 20]
+
+
+def test_non_utf8_caption_or_manifest_names_the_file(tmp_path):
+    """Latin-1 text is one DataError naming the file, not a UnicodeDecodeError traceback."""
+    _folder(tmp_path / "imgs", n=2)
+    (tmp_path / "imgs" / "img1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(DataError, match=r"caption file .*img1\.txt: not UTF-8"):
+        build_dataset({"source": "folder", "path": str(tmp_path / "imgs"), "resolution": 16})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes('{"image": "imgs/img0.png", "caption": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"manifest data\.path file .*m\.jsonl: not UTF-8"):
+        build_dataset({"source": "jsonl", "path": str(manifest), "resolution": 16})

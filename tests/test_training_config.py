@@ -92,8 +92,7 @@ def test_bad_stage_plans_name_the_key(stages, key, extra):
 def test_init_lora_must_exist_and_enables_a_later_stage_alone(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.init_lora.*not found"):
         load_config(None, ["model.init_lora=/nonexistent/lora.safetensors", "stages=" + json.dumps([FB])])
-    lora = tmp_path / "tscd.safetensors"
-    lora.write_bytes(b"x")
+    lora = _kohya_file(tmp_path / "tscd.safetensors")
     cfg = load_config(None, [f"model.init_lora={lora}", "stages=" + json.dumps([FB])])
     assert cfg.stages[0].type == "feedback"
 
@@ -117,3 +116,88 @@ def test_default_plan_uses_the_stage_fixes():
     fb = by_type["feedback"].params
     assert fb["reward"] == "attributes" and fb["alpha"] <= 0 and fb["reg_weight"] > 0 and fb["lr"] < cfg.optim.lr
     assert cfg.tscd.num_ddim_timesteps == 50 and cfg.output.sample_eta == -1
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("data.caption_dropout=1.5", "data.caption_dropout", "[0, 1]"), ("tscd.huber_c=-1", "tscd.huber_c", "> 0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps", ">= 0"), ("optim.max_grad_norm=-1", "optim.max_grad_norm", ">= 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay", ">= 0"), ("optim.lr=inf", "optim.lr", "finite"),
+    ("optim.lr=nan", "optim.lr", "finite"), ("optim.lr=0", "optim.lr", "> 0"),
+    ('stages=[{"segments": 8, "steps": 1, "weight": Infinity}]', r"stages[0].weight", "finite"),
+])
+def test_out_of_range_values_name_the_key_and_the_range(override, key, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"'{key}'" in str(e.value) and expected in str(e.value)
+
+
+def test_range_edges_are_accepted():
+    cfg = load_config(None, ["data.caption_dropout=1", "optim.warmup_steps=0", "optim.max_grad_norm=0",
+                             "optim.weight_decay=0"])
+    assert cfg.data.caption_dropout == 1.0 and cfg.optim.max_grad_norm == 0
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("bad.yaml", "optim:\n  lr: [1, 2\n", "line 3"),
+    ("list.yaml", "- optim\n- data\n", "expected a mapping of sections"),
+    ("tag.yaml", "optim: !!python/object/apply:os.system ['touch MARKER']\n", "line 1"),
+    ("bad.json", '{"optim": {"lr": 1e-3,}}', "line 1, column 23: not valid JSON"),
+    ("list.json", "[1, 2]", "expected a mapping of sections"),
+])
+def test_malformed_config_files_name_the_file_and_line(tmp_path, monkeypatch, name, text, expected):
+    """Each is one ConfigError naming the file (and the line); a YAML tag is never constructed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / name), ["optim.lr=1e-4"])  # an override on top, as the CLI does
+    assert str(tmp_path / name) in str(e.value) and expected in str(e.value)
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_non_utf8_config_file_names_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"optim:\n  lr: 1e-4 # \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not UTF-8"):
+        load_config(str(p))
+
+
+def _kohya_file(path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)},
+              str(path))
+    return path
+
+
+class _Planted:
+    """A pickle whose loading would run code (it would create `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("pickle", "is not a readable safetensors file"), (b"\x00" * 3, "is not a readable safetensors file"),
+    ("empty_safetensors", "no kohya LoRA keys"),
+])
+def test_init_lora_that_is_not_a_kohya_safetensors_names_the_key_and_file(tmp_path, content, expected):
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "init.safetensors"
+    if content == "pickle":
+        lora.write_bytes(pickle.dumps(_Planted(tmp_path / "MARKER")))
+    elif content == "empty_safetensors":
+        save_file({"x": torch.zeros(1)}, str(lora))
+    else:
+        lora.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"model.init_lora={lora}", "stages=" + json.dumps([FB])])
+    assert "'model.init_lora'" in str(e.value) and str(lora) in str(e.value) and expected in str(e.value)
+    assert not (tmp_path / "MARKER").exists()

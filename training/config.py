@@ -131,8 +131,10 @@ CHOICES = {
 }
 POSITIVE = {"data.resolution", "lora.rank", "tscd.num_ddim_timesteps", "optim.batch_size",
             "optim.grad_accum", "output.checkpoint_every", "output.log_every", "optim.lr",
-            "lora.alpha", "output.keep_checkpoints"}
-UNIT_INTERVAL = {"tscd.ema_decay", "data.caption_dropout"}
+            "lora.alpha", "output.keep_checkpoints", "tscd.huber_c"}
+NON_NEGATIVE = {"optim.weight_decay": "0 = no weight decay", "optim.warmup_steps": "0 = no warmup",
+                "optim.max_grad_norm": "0 = no clipping"}
+UNIT_INTERVAL = {"tscd.ema_decay": "[0, 1)", "data.caption_dropout": "[0, 1]"}  # ema_decay 1 would never move
 
 
 def _coerce(value, typ, key):
@@ -228,12 +230,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+    _validate_finite(cfg)
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {_get(cfg, key)!r}")
-    for key in UNIT_INTERVAL:
-        if not 0.0 <= _get(cfg, key) < 1.0 + (key == "data.caption_dropout"):
-            raise ConfigError(f"config key '{key}': must be in [0, 1), got {_get(cfg, key)!r}")
+    for key, why in NON_NEGATIVE.items():
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"config key '{key}': must be >= 0 ({why}), got {_get(cfg, key)!r}")
+    for key, interval in UNIT_INTERVAL.items():
+        value = _get(cfg, key)
+        if not (0.0 <= value < 1.0 or (value == 1.0 and interval.endswith("]"))):
+            raise ConfigError(f"config key '{key}': must be in {interval}, got {value!r}")
     t = cfg.tscd
     if not 1.0 <= t.w_min <= t.w_max:
         raise ConfigError(f"config keys 'tscd.w_min'/'tscd.w_max': need 1 <= w_min <= w_max, got {t.w_min}, {t.w_max}")
@@ -260,6 +267,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("config key 'output.checkpoint_every': must be >= 1")
     _validate_samples(cfg.output)
     return cfg
+
+
+def _validate_finite(cfg):
+    """Every float key (stages' weights too) is a finite number: inf / nan reach the optimizer otherwise."""
+    import math
+
+    sections = [(f.name + ".", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    sections += [(f"stages[{i}].", s) for i, s in enumerate(cfg.stages)]
+    for prefix, section in sections:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{prefix}{f.name}': must be a finite number, got {value!r}")
 
 
 def _validate_samples(out):
@@ -296,11 +317,12 @@ def _validate_segments(stage, i, n):
 
 def _validate_stage_plan(cfg):
     """Stage order, per-type params (unknown keys suggest the nearest), reward names, weights files."""
+    from training.lora_files.kohya import kohya_file_problem
     from training.stages import get_stage, validate_stage_plan
 
     m = cfg.model
-    if m.init_lora and not os.path.isfile(m.init_lora):
-        raise ConfigError(f"config key 'model.init_lora': file not found: {m.init_lora}")
+    if m.init_lora and (why := kohya_file_problem(m.init_lora)):  # header only: a pickle is never opened
+        raise ConfigError(f"config key 'model.init_lora': {why}")
     if cfg.output.merge_rank < 0:
         raise ConfigError(f"config key 'output.merge_rank': must be >= 0 (0 = exact merge), got {cfg.output.merge_rank}")
     try:
@@ -362,17 +384,9 @@ def _get(cfg, key):
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    tree: dict[str, Any] = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            text = f.read()
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            tree = yaml.safe_load(text) or {}
-        else:
-            tree = json.loads(text)
+    from training.config_file import read_config_file
+
+    tree: dict[str, Any] = read_config_file(path) if path else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")

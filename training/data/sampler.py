@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from training.errors import DataError
+
 
 class BucketBatchSampler(torch.utils.data.Sampler):
     def __init__(self, bucket_ids, global_batch_size: int, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, num_processes: int = 1, process_index: int = 0):
         if global_batch_size < 1:
-            raise ValueError(f"data.batch_size = {global_batch_size}: expected >= 1")
+            raise DataError(f"optim.batch_size: a global micro-batch of {global_batch_size} samples; expected >= 1")
         if global_batch_size % num_processes:
             raise ValueError(f"global batch size {global_batch_size} is not divisible by "
                              f"{num_processes} processes")
@@ -33,8 +35,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.epoch = 0
         if len(self) == 0:
             sizes = {b: self.bucket_ids.count(b) for b in set(self.bucket_ids)}
-            raise ValueError(f"no full batch: data.batch_size = {global_batch_size} is larger than "
-                             f"every bucket (samples per bucket: {sizes})")
+            raise DataError(f"config key 'optim.batch_size': no full batch: a global micro-batch of "
+                            f"{global_batch_size} samples (optim.batch_size / optim.grad_accum) is larger than "
+                            f"every bucket of the data (samples per bucket: {sizes}); lower optim.batch_size "
+                            "or add images")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -63,6 +63,13 @@ def _require_dir(path, key: str) -> Path:
     return p
 
 
+def read_utf8(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} file {path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
 def folder_records(path, recursive: bool = False, missing_caption: str = "error",
                    key: str = "data.path") -> tuple[list[Record], int]:
     """Images in `path` with same-name `.txt` captions. Returns (records, num_missing_captions).
@@ -82,7 +89,7 @@ def folder_records(path, recursive: bool = False, missing_caption: str = "error"
     for f in files:
         txt = f.with_suffix(".txt")
         if txt.is_file():
-            caption = txt.read_text(encoding="utf-8").strip()
+            caption = read_utf8(txt, "caption").strip()
         else:
             missing.append(str(f))
             caption = ""
@@ -104,7 +111,7 @@ def jsonl_records(manifest, key: str = "data.path") -> list[Record]:
         raise DataError(f"{key} = {str(manifest)!r} is not a file: expected a JSONL manifest")
     base = mpath.parent.resolve()
     records, bad = [], []
-    for lineno, line in enumerate(mpath.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_utf8(mpath, f"manifest {key}").splitlines(), start=1):
         if not line.strip():
             continue
         try:

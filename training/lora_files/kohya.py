@@ -39,13 +39,39 @@ def kohya_name(module_path: str) -> str:
     return PREFIX + module_path.replace(".", "_")
 
 
+def kohya_file_problem(path: str) -> str | None:
+    """Why `path` cannot be a kohya LoRA, from its header alone (None: it may be): missing, not a
+    safetensors file (a pickle is never opened as one), or no '*.lora_down.weight' keys."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        return f"file not found: {path}"
+    try:
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        return (f"{path} is not a readable safetensors file ({e}); LoRAs are loaded only from .safetensors "
+                "(pickled .ckpt / .pt / .bin files are never opened)")
+    if not any(k.endswith(DOWN) for k in keys):
+        return f"{path}: no kohya LoRA keys ('*{DOWN}') found"
+    return None
+
+
 def load_kohya(path: str) -> dict[str, LoraModule]:
-    """Read a kohya LoRA file -> {module key without suffix: LoraModule}; alpha defaults to rank."""
+    """Read a kohya LoRA file -> {module key without suffix: LoraModule}; alpha defaults to rank.
+    A file that is not a kohya safetensors LoRA is a ValueError naming it (FileNotFoundError if missing)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    sd = load_file(path)
+    why = kohya_file_problem(path)
+    if why:
+        raise ValueError(why)
+    try:
+        sd = load_file(path)
+    except (SafetensorError, OSError) as e:  # a header that parses but truncated or corrupt data
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     modules = {}
     for key in sd:
         if key.endswith(DOWN):
