@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .keys import split_key
+from .matching import group_modules
 
 _TUCKER_W2 = ("lokr_t2", "lokr_w2_a", "lokr_w2_b")
 
@@ -25,11 +25,7 @@ def _lokr_scale(roles: dict, state_dict: dict, rank_role: str | None) -> float:
 
 def materialize_lokr_tucker(state_dict: dict) -> tuple[dict, int]:
     """(state dict with every Tucker LoKr w2 precomputed as ``lokr_w2``, number of modules rewritten)."""
-    modules: dict[str, dict] = {}
-    for key in state_dict:
-        split = split_key(key)
-        if split is not None:
-            modules.setdefault(split[0], {})[split[1]] = key
+    modules, _ = group_modules(state_dict)
     out, rewritten = dict(state_dict), 0
     for module, roles in modules.items():
         if not all(r in roles for r in _TUCKER_W2) or "lokr_w2" in roles:
