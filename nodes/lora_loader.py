@@ -19,6 +19,7 @@ from .lora.files import check_safetensors, load_safetensors, safe_relative_name
 from .lora.keys import to_kohya
 from .lora.lycoris import materialize_lokr_tucker
 from .lora.matching import MatchReport, match_modules
+from .lora.presets import recommended_settings
 
 log = logging.getLogger("HyperSD")
 NO_FILE = "None"
@@ -149,6 +150,18 @@ def load_and_apply(model, clip, path: str, strength_model: float, strength_clip:
     return new_model, new_clip, report, info
 
 
+def family_settings(path: str, source: str) -> tuple:
+    """Steps, cfg, sampler, scheduler, eta and their description for a file that is no official release:
+    its own hypersd.* metadata, or a known fast-LoRA family by name (lora/presets.py), else the defaults."""
+    import comfy.samplers
+
+    metadata = check_safetensors(path, source).get("__metadata__") or {}
+    preset, notes = recommended_settings(path, metadata, comfy.samplers.SAMPLER_NAMES,
+                                         comfy.samplers.SCHEDULER_NAMES)
+    described = "; ".join([preset.describe()] + notes)
+    return preset.steps, preset.cfg, preset.sampler, preset.scheduler, preset.eta, described
+
+
 class HyperSDLoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -160,7 +173,8 @@ class HyperSDLoraLoader(io.ComfyNode):
             display_name="Hyper-SD LoRA Loader",
             category="loaders",
             description="Loads a Hyper-SD LoRA (kohya, diffusers or PEFT keys, all applied) and outputs the "
-                        "release's recommended steps, cfg, sampler, scheduler and TCD eta.",
+                        "recommended steps, cfg, sampler, scheduler and TCD eta: the release's, a trained file's "
+                        "own hypersd.* metadata, or its fast-LoRA family's (LCM, Lightning, DMD2, PCM, TCD).",
             inputs=[
                 io.Model.Input("model", tooltip="The base model (SD1.5, SDXL, SD3 or FLUX) to patch."),
                 io.Combo.Input("release", options=[NO_RELEASE] + RELEASE_NAMES, default="Hyper-SDXL-1step-lora",
@@ -206,10 +220,12 @@ class HyperSDLoraLoader(io.ComfyNode):
         source = "release" if release != NO_RELEASE else "lora_name"
         new_model, new_clip, _, info = load_and_apply(
             model, clip, path, strength_model * scale, strength_clip * scale, source)
-        steps, cfg, sampler, scheduler, eta = ((rel.steps, rel.cfg, rel.sampler, rel.scheduler, rel.eta)
-                                               if rel is not None else (4, 1.0, "tcd", "tcd", 0.3))
-        if rel is not None and rel.note:
-            info += f"; {rel.name}: {rel.note}"
+        if rel is not None:
+            steps, cfg, sampler, scheduler, eta = rel.steps, rel.cfg, rel.sampler, rel.scheduler, rel.eta
+            info += f"; {rel.name}: {rel.note}" if rel.note else ""
+        else:
+            steps, cfg, sampler, scheduler, eta, described = family_settings(path, source)
+            info += f"; {described}"
         return io.NodeOutput(new_model, new_clip, steps, float(cfg), sampler, scheduler, float(eta), info)
 
 
