@@ -22,6 +22,12 @@ def _temp_path(path: str, suffix: str):
             os.remove(tmp)
 
 
+def atomic_path(path: str, suffix: str = ""):
+    """Context manager: a temp path beside `path` to write; it replaces `path` when the block ends without
+    an error and is removed otherwise."""
+    return _temp_path(path, suffix)
+
+
 def save_file_atomic(state: dict, path: str, metadata: dict | None = None) -> None:
     """safetensors with string metadata."""
     from safetensors.torch import save_file

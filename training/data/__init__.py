@@ -1,5 +1,6 @@
 """Training data: sources (sources.py), preprocessing and buckets (image.py), the sampler (sampler.py),
-the latent/text cache (cache.py) and its use by a run (run_cache.py).
+the latent/text cache (cache.py) and its use by a run (run_cache.py); streamed webdataset shards
+(shards.py, webdataset.py, latent_shards.py; `source: webdataset`, see docs/data.md).
 
 Interface (all importable from `training.data`):
 
@@ -47,13 +48,14 @@ __all__ = ["DatasetOptions", "DataError", "ImageCaptionDataset", "CachedDataset"
            "make_buckets", "Record"]
 
 
-TRAINER_KEYS = ("caption_dropout", "num_workers", "cache_dir")   # used by the trainer, not here
+TRAINER_KEYS = ("caption_dropout", "cache_dir")   # used by the trainer, not here
+SOURCES = ("generated", "folder", "jsonl", "webdataset")
 
 
 @dataclass
 class DatasetOptions:
-    source: str = "generated"        # "generated" | "folder" | "jsonl"
-    path: Optional[str] = None       # folder (source=folder) or manifest file (source=jsonl)
+    source: str = "generated"        # "generated" | "folder" | "jsonl" | "webdataset"
+    path: Optional[str] = None       # folder (folder), manifest file (jsonl), tar shards (webdataset: str or list)
     recursive: bool = False          # folder: also look in sub-folders
     missing_caption: str = "error"   # folder: "error" or "empty"
     resolution: int = 64             # square side; with bucketing, buckets have area ~ resolution**2
@@ -64,6 +66,9 @@ class DatasetOptions:
     num_images: int = 64             # generated: how many
     image_size: Optional[int] = None  # generated: pixels per side (default: resolution)
     seed: int = 0                    # generated content, crops and flips
+    shuffle_buffer: int = 256        # webdataset: samples per shuffled block, per stream
+    streams: int = 0                 # webdataset: shard streams per global micro-batch (0: automatic)
+    num_workers: int = 0             # webdataset: DataLoader worker processes per training process
     path_key: str = "data.path"      # config key named in path errors
 
     @classmethod
@@ -73,25 +78,62 @@ class DatasetOptions:
         in, trainer-only keys are ignored."""
         d = dict(d or {})
         d.update(d.pop("extra", None) or {})
+        cache_dir = d.get("cache_dir")
         for k in TRAINER_KEYS:
             d.pop(k, None)
         if "num_generated" in d:
             d["num_images"] = d.pop("num_generated")
         src = d.get("source", "generated")
-        if isinstance(src, str) and src not in ("generated", "folder", "jsonl") and src:
-            d.update(source="jsonl" if src.lower().endswith(".jsonl") else "folder", path=src,
-                     path_key="data.source")
+        if isinstance(src, str) and src not in SOURCES and src:
+            d.update(source=_source_kind(src), path=src, path_key="data.source")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise DataError(f"unknown config key(s) {', '.join('data.' + k for k in unknown)}; "
                             f"expected some of {', '.join(sorted(names))}")
         cfg = cls(**d)
-        if cfg.source not in ("generated", "folder", "jsonl"):
-            raise DataError(f"data.source = {cfg.source!r}: expected 'generated', 'folder' or 'jsonl'")
+        if cfg.source not in SOURCES:
+            raise DataError(f"data.source = {cfg.source!r}: expected 'generated', 'folder', 'jsonl' or 'webdataset'")
         if not isinstance(cfg.resolution, int) or cfg.resolution < 8:
             raise DataError(f"data.resolution = {cfg.resolution!r}: expected an int >= 8")
+        if cfg.source == "webdataset":
+            _check_webdataset(cfg, cache_dir)
         return cfg
+
+
+def _source_kind(src: str) -> str:
+    """data.source given as a path: a .jsonl manifest, tar shards (.tar / .tgz, braces, pipe:) or a folder."""
+    low = src.lower()
+    if low.startswith("pipe:") or low.endswith((".tar", ".tar.gz", ".tgz")):
+        return "webdataset"
+    return "jsonl" if low.endswith(".jsonl") else "folder"
+
+
+def _check_webdataset(cfg: DatasetOptions, cache_dir) -> None:
+    """Config-time checks of a webdataset source (the shards themselves are checked when the run starts)."""
+    from training.data.shards import expand_braces
+
+    paths = [cfg.path] if isinstance(cfg.path, str) else cfg.path
+    if not paths or not isinstance(paths, list) or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise DataError(f"{cfg.path_key} = {cfg.path!r}: expected tar shards (a path, a brace list like "
+                        "'shards-{000000..000099}.tar', a 'pipe:COMMAND', or a list of those)")
+    for p in paths:
+        try:
+            expand_braces(p)
+        except ValueError as e:
+            raise DataError(f"{cfg.path_key}: {e}") from None
+    for key, low in (("shuffle_buffer", 1), ("streams", 0), ("num_workers", 0)):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise DataError(f"data.{key} = {value!r}: expected an int >= {low}")
+    if cfg.bucketing:
+        raise DataError("data.bucketing: not available with webdataset shards (a streamed batch cannot be "
+                        "gathered from one bucket); every image is resized and cropped to data.resolution")
+    if cache_dir:
+        raise DataError("data.cache_dir: not used with webdataset shards; precompute latent shards instead "
+                        "(python -m training.data.latent_shards, docs/data.md) and train on those")
+    if cfg.missing_caption not in ("error", "empty"):
+        raise DataError(f"data.missing_caption = {cfg.missing_caption!r}: expected 'error' or 'empty'")
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -134,6 +176,9 @@ def build_dataset(cfg) -> ImageCaptionDataset:
         cfg = dataclasses.asdict(cfg)
     cfg = cfg if isinstance(cfg, DatasetOptions) else DatasetOptions.from_dict(cfg)
     missing = 0
+    if cfg.source == "webdataset":
+        raise DataError(f"{cfg.path_key}: webdataset shards are streamed, not indexed: read them with "
+                        "training.data.webdataset.WebDatasetSource (python -m training.run does)")
     if cfg.source == "generated":
         records = generated_records(cfg.num_images, cfg.image_size or cfg.resolution, cfg.seed)
     elif cfg.source == "folder":
@@ -144,6 +189,14 @@ def build_dataset(cfg) -> ImageCaptionDataset:
     stats = dict(scan.as_dict(), num_missing_captions=missing)
     return ImageCaptionDataset(records, cfg.resolution, cfg.bucketing, cfg.bucket_step,
                                cfg.center_crop, cfg.random_flip, cfg.seed, stats)
+
+
+def is_streaming(data_cfg) -> bool:
+    """Does the config's data section (or a DatasetOptions / dict) name webdataset shards?"""
+    if dataclasses.is_dataclass(data_cfg) and not isinstance(data_cfg, DatasetOptions):
+        data_cfg = dataclasses.asdict(data_cfg)
+    opts = data_cfg if isinstance(data_cfg, DatasetOptions) else DatasetOptions.from_dict(data_cfg)
+    return opts.source == "webdataset"
 
 
 def collate(samples: list[dict]) -> dict:

@@ -31,23 +31,33 @@ def encoder_id(base) -> str:
     return f"{base.family}:vae*{scale}:{fingerprint([base.vae])}:text:{fingerprint(base.text_encoders)}"
 
 
-def build_run_cache(cfg, ds, base, device, accelerator):
-    """Pixel dataset -> CachedDataset (encodes only what is missing); returns (dataset, stats)."""
-    from training.data.cache import build_cache
-    from training.models.text import text_embeddings
-
+def image_encoder(base, device):
+    """pixels (B, 3, H, W) in [-1, 1] -> latents on the CPU, exactly as engine.batches.micro_batch encodes them."""
     vae = base.vae
 
     def encode_images(px):
         with torch.no_grad():
             return (vae.encode(px.to(device, torch.float32)).latent_dist.mean * vae.config.scaling_factor).cpu()
+    return encode_images
+
+
+def text_encoder(base, device):
+    """captions -> {"prompt_embeds"(, "pooled_prompt_embeds")} on the CPU (models.text.text_embeddings)."""
+    from training.models.text import text_embeddings
 
     def encode_texts(captions):
         return {k: v.cpu() for k, v in text_embeddings(base, list(captions), device).items()}
+    return encode_texts
+
+
+def build_run_cache(cfg, ds, base, device, accelerator):
+    """Pixel dataset -> CachedDataset (encodes only what is missing); returns (dataset, stats)."""
+    from training.data.cache import build_cache
 
     eid = encoder_id(base)
     with accelerator.main_process_first():
-        cached = build_cache(ds, cfg.data.cache_dir, encode_images, encode_texts, encoder_id=eid)
+        cached = build_cache(ds, cfg.data.cache_dir, image_encoder(base, device), text_encoder(base, device),
+                             encoder_id=eid)
     stats = {"dir": str(cfg.data.cache_dir), "encoder_id": eid, "reused": cached.stats["num_cached_reused"],
              "encoded": cached.stats["num_cached_encoded"], "text": "prompt_embeds" + (
                  " + pooled_prompt_embeds" if base.family == "sdxl" else "")}

@@ -15,17 +15,13 @@ def micro_batch(run, m: int) -> dict:
     from training.stages.base import U
 
     cfg, acc, data = run.cfg, run.accelerator, run.data
-    epoch, pos = divmod(m, len(data.sampler))
-    if hasattr(data.dataset, "set_epoch"):  # a CachedDataset has nothing to re-augment
-        data.dataset.set_epoch(epoch)
-    global_idx = data.sampler.global_batches(epoch)[pos]
     n, r = acc.num_processes, acc.process_index
-    b = len(global_idx) // n
-    batch = collate([data.dataset[i] for i in global_idx[r * b:(r + 1) * b]])
+    samples = data.stream.batch(m) if data.stream is not None else indexed_samples(data, m, n, r)
+    b, batch = len(samples), collate(samples)
     latents = encode_latents(run, batch)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + m + 17)
-    noise = torch.randn((len(global_idx), *latents.shape[1:]), generator=g)[r * b:(r + 1) * b]
-    u_all = torch.rand((len(global_idx), U_WIDTH), generator=g, dtype=torch.float64)
+    noise = torch.randn((b * n, *latents.shape[1:]), generator=g)[r * b:(r + 1) * b]
+    u_all = torch.rand((b * n, U_WIDTH), generator=g, dtype=torch.float64)
     u = u_all[r * b:(r + 1) * b]
     keep = [float(uu[U["caption_dropout"]]) >= cfg.data.caption_dropout for uu in u]
     captions = [c if k else "" for c, k in zip(batch["caption"], keep)]
@@ -33,6 +29,16 @@ def micro_batch(run, m: int) -> dict:
     return {"latents": latents.to(run.dtype), "noise": noise.to(run.device, run.dtype), "u": u.to(run.device),
             "step_u": u_all[0].to(run.device),  # per-step choices shared by the global batch (the ReFL stop step)
             "cond": cond, "uncond": uncond, "captions": captions}
+
+
+def indexed_samples(data, m: int, n: int, r: int) -> list:
+    """This process's slice of global micro-batch m of an indexed dataset (its sampler's order)."""
+    epoch, pos = divmod(m, len(data.sampler))
+    if hasattr(data.dataset, "set_epoch"):  # a CachedDataset has nothing to re-augment
+        data.dataset.set_epoch(epoch)
+    global_idx = data.sampler.global_batches(epoch)[pos]
+    b = len(global_idx) // n
+    return [data.dataset[i] for i in global_idx[r * b:(r + 1) * b]]
 
 
 def encode_latents(run, batch):

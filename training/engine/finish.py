@@ -35,6 +35,7 @@ def write_outputs(run) -> None:
                "train_seconds": run.train_seconds, "sample_seconds": time.time() - t0, "family": base.family,
                "prediction_type": base.prediction_type, "merge": merge_report, "full_unet": full_report,
                "data_cache": run.data.cache_stats, "teacher_pipeline": teacher_dir,
+               "data_stream": run.data.stream.stats if run.data.stream is not None else None,
                "stages": [stage_summary(s, run.losses.get(i, []), run.logs.get(i, []))
                           for i, s in enumerate(cfg.stages)]}
     metrics["quality"] = quality(run)

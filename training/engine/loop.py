@@ -136,6 +136,15 @@ def save_stage_snapshot(run, active):
                 ADAPTER_OF[GROUP_OF[s.type]])
 
 
+def data_position(run):
+    """A streamed source's position, every process's streams (a collective): saved with the checkpoint."""
+    if run.data.stream is None:
+        return None
+    from training.data.run_stream import gather_position
+
+    return gather_position(run.accelerator, run.data.stream)
+
+
 def train_stages(run, show_bar=True):
     from training.engine import checkpoint as ckpt
     from training.engine.progress import RunLogger
@@ -155,8 +164,10 @@ def train_stages(run, show_bar=True):
             save_stage_snapshot(run, active)
         if run.step % cfg.output.checkpoint_every == 0 or run.step == cfg.total_steps:
             ckpt.save_checkpoint(run.accelerator, run.out_dir, run.step, cfg.output.keep_checkpoints,
-                                 run.train.persistent)
+                                 run.train.persistent, data_state=data_position(run))
     logger.close()
+    if run.data.stream is not None:
+        run.data.stream.close()
     run.train_seconds = time.time() - run.t_start
     if run.full_stage is not None:
         if "full_unet" not in run.train.persistent:  # resumed after the end: restore it from the checkpoint

@@ -24,8 +24,6 @@ def start_run(cfg, resume=None, overwrite=False, base=None, dataset=None) -> Run
     (`base` / `dataset` given: used instead of cfg.model.base / cfg.data)."""
     from accelerate import Accelerator
 
-    from training.data import build_dataset
-    from training.data.sampler import BucketBatchSampler
     from training.files import save_json_atomic
     from training.models.base import load_base
     from training.stages.score_distill import is_full
@@ -35,8 +33,7 @@ def start_run(cfg, resume=None, overwrite=False, base=None, dataset=None) -> Run
     micro_global = check_batch_split(cfg, accelerator.num_processes)
     check_output_dir(cfg.output.dir, resume, overwrite)  # before anything loads: nothing is deleted yet
     torch.manual_seed(cfg.seed)
-    ds = dataset if dataset is not None else build_dataset(to_dict(cfg)["data"])
-    data = RunData(ds, BucketBatchSampler(ds.bucket_ids, micro_global, seed=cfg.seed))
+    data = build_data(cfg, dataset, micro_global, accelerator)
     resources = {i: r for i, s in enumerate(cfg.stages)
                  if (r := get_stage(s.type).preflight(s, i, accelerator.device)) is not None}
     from_tiny = base is None and cfg.model.base == "tiny"
@@ -58,6 +55,19 @@ def check_batch_split(cfg, n_proc: int) -> int:
         raise ConfigError(f"config key 'optim.batch_size': {cfg.optim.batch_size} must be divisible by "
                           f"optim.grad_accum ({cfg.optim.grad_accum}) x processes ({n_proc})")
     return cfg.optim.batch_size // cfg.optim.grad_accum
+
+
+def build_data(cfg, dataset, micro_global, accelerator) -> RunData:
+    """`dataset`, or cfg.data built: an indexed dataset with its same-bucket sampler, or a streamed one."""
+    from training.data import build_dataset, is_streaming
+    from training.data.sampler import BucketBatchSampler
+
+    if dataset is None and is_streaming(cfg.data):
+        from training.data.run_stream import build_stream
+
+        return RunData(None, None, stream=build_stream(cfg, micro_global, accelerator))
+    ds = dataset if dataset is not None else build_dataset(to_dict(cfg)["data"])
+    return RunData(ds, BucketBatchSampler(ds.bucket_ids, micro_global, seed=cfg.seed))
 
 
 def copy_tiny_teacher(out_dir, accelerator):
@@ -140,6 +150,10 @@ def resume(run: Run, resume_arg) -> None:
     if run.resume_dir:
         run.step = ckpt.load_checkpoint(run.accelerator, run.resume_dir)
         ckpt.load_extra(run.resume_dir, run.train.persistent)
+        if run.data.stream is not None:
+            from training.data.run_stream import restore_position
+
+            restore_position(run.data.stream, ckpt.load_data_state(run.resume_dir), run.resume_dir)
 
 
 def attach_data(run: Run) -> None:
@@ -157,5 +171,9 @@ def attach_data(run: Run) -> None:
         if run.accelerator.is_main_process:
             print(f"data cache {stats['dir']}: {stats['reused']} reused, {stats['encoded']} encoded (latents + "
                   f"{stats['text']}) in {stats['seconds']} s", file=sys.stderr, flush=True)
+    if run.data.stream is not None and run.data.stream.kind == "latents":
+        from training.data.run_stream import latent_shard_text
+
+        run.data.cached_text = latent_shard_text(run)
     cached = run.data.cached_text
     run.data.empty_text = cached.empty if cached is not None else text_embeddings(run.base, [""], run.device)

@@ -23,11 +23,12 @@ class Trainables:
 
 @dataclass
 class RunData:
-    dataset: Any                 # pixel dataset, or a CachedDataset with data.cache_dir
-    sampler: Any                 # data.sampler.BucketBatchSampler over global micro-batches
+    dataset: Any                 # pixel dataset, or a CachedDataset with data.cache_dir (None: streamed)
+    sampler: Any                 # data.sampler.BucketBatchSampler over global micro-batches (None: streamed)
     empty_text: dict = None      # the empty prompt's embeddings, encoded once (the unconditional branch)
     cached_text: Any = None      # data.run_cache.CachedText when data.cache_dir is set
     cache_stats: dict = None
+    stream: Any = None           # data.webdataset.WebDatasetSource (source: webdataset) instead of dataset + sampler
 
 
 @dataclass
