@@ -139,6 +139,20 @@ def test_resume_continues_exactly_and_skips_consumed_shards(tmp_path, shards):
         changed.load_state_dict(state)
 
 
+def test_positions_resume_on_another_process_count(shards):
+    """Positions are per stream: a 1-process checkpoint resumes on 2 processes (same streams) exactly."""
+    expected = take(source(shards, micro_batch=4, streams=4, shuffle_buffer=3), 0, 9)
+    first = source(shards, micro_batch=4, streams=4, shuffle_buffer=3)
+    take(first, 0, 5)
+    state = json.loads(json.dumps(first.state_dict()))
+    parts = []
+    for p in range(2):
+        src = source(shards, micro_batch=4, processes=2, index=p, streams=4, shuffle_buffer=3)
+        src.load_state_dict(state)
+        parts.append(take(src, 5, 4))
+    same(expected[5:], [a + b for a, b in zip(*parts)])
+
+
 def _bad_shard(path):
     from training.data.sources import generated_records
 
