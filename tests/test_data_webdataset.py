@@ -83,6 +83,16 @@ def test_brace_expansion():
             expand_braces(bad)
 
 
+def test_member_names_to_sample_keys():
+    from training.data.shards import split_name
+
+    assert split_name("000000123.jpg") == ("000000123", "jpg")
+    assert split_name("./part/000000123.latent.safetensors") == ("./part/000000123", "latent.safetensors")
+    assert split_name("000000123.TXT") == ("000000123", "txt")
+    for junk in ("README", "dir/.DS_Store", "._000000123.jpg", "dir/._x.png"):
+        assert split_name(junk) == (None, None), junk
+
+
 def test_pipe_urls_read_what_local_paths_read(shards):
     folder = os.path.dirname(shards)
     piped = f"pipe:cat {folder}/shard-{{000000..{SHARDS - 1:06d}}}.tar"

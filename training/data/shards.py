@@ -22,7 +22,7 @@ from pathlib import Path
 from training.errors import DataError
 
 PIPE = "pipe:"
-_NAME = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")   # (key, extension) of a member path
+_NAME = re.compile(r"^((?:.*/)?[^./][^./]*)\.([^/]*)$")   # (key, extension) of a member path
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
