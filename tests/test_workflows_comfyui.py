@@ -22,7 +22,7 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 if not COMFYUI_PATH:
     pytest.skip("COMFYUI_PATH not set: no real ComfyUI to run the workflows in", allow_module_level=True)
 
-from tests.comfyui.harness import PACK_DIR_NAME, ComfyServer, make_base_dir  # noqa: E402
+from tests.comfyui.harness import PACK_DIR_NAME, ComfyServer, core_txt2img_prompt, make_base_dir  # noqa: E402
 
 _SIBLING_VENV = Path(COMFYUI_PATH).resolve().parent / "comfy-venv" / "bin" / "python"
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or (str(_SIBLING_VENV) if _SIBLING_VENV.exists() else sys.executable)
@@ -32,6 +32,19 @@ UI_FILES = sorted(UI_DIR.glob("*.json"))
 def _get(url: str, timeout: float = 30):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+def write_example_with_hole(path: Path, size: int = 64) -> None:
+    """The example drawing with a transparent square in the middle: Load Image's MASK for inpainting."""
+    from PIL import Image
+
+    write_example_drawing(path, size)
+    with Image.open(path) as img:
+        rgba = img.convert("RGBA")
+    alpha = Image.new("L", (size, size), 255)
+    alpha.paste(0, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    rgba.putalpha(alpha)
+    rgba.save(path)
 
 
 def write_example_drawing(path: Path, size: int = 64) -> None:
@@ -81,27 +94,63 @@ def test_pack_schema_file_matches_running_comfyui(server):
         assert live[name] == committed[name], f"{name}: run `python -m workflows.pack_schema` (COMFYUI_PATH set)"
 
 
-def test_ui_files_are_listed_in_the_templates_browser(server):
+def test_ui_files_are_listed_in_the_templates_browser_with_thumbnails(server):
     listed = _get(server.url + "/workflow_templates")[PACK_DIR_NAME]
     assert sorted(listed) == [p.stem for p in UI_FILES]
     served = _get(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{UI_FILES[0].name}")
     assert served == json.loads(UI_FILES[0].read_text())
+    for path in UI_FILES:  # frontend 1.27 shows /api/workflow_templates/<pack>/<name>.jpg on each card
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{path.stem}.jpg") as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", path.stem
 
 
-def _browser_report(server) -> dict:
+def _run_browser_check(server, *args) -> dict:
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     node_path = os.environ.get("PLAYWRIGHT_NODE_PATH", "/work/browser-tools/node_modules")
     if not shutil.which("node") or not Path(chromium).exists() or not (Path(node_path) / "playwright-core").is_dir():
         pytest.skip(f"needs node, Chromium at {chromium} and playwright-core in {node_path}")
     env = dict(os.environ, NODE_PATH=node_path, CHROMIUM=chromium)
-    out = subprocess.run(["node", str(REPO / "workflows" / "browser_check.cjs"), server.url + "/", *map(str, UI_FILES)],
+    out = subprocess.run(["node", str(REPO / "workflows" / "browser_check.cjs"), server.url + "/", *map(str, args)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
 
-def test_ui_files_open_in_the_comfyui_front_end_without_complaint(server):
-    report = _browser_report(server)
+def overlapping_canary(tmp: Path) -> Path:
+    """A shipped workflow with the layout bug of issue 14 put back: the loader where the old layout put
+    it (over the positive prompt) and KSampler saved smaller than the front end lets it be."""
+    ui = json.loads((UI_DIR / "hypersd_sd15_4step_lora.json").read_text())
+    for n in ui["nodes"]:
+        if n["type"] == "HyperSDLoraLoader":
+            prompt = next(m for m in ui["nodes"] if m.get("title") == "Positive prompt")
+            n["pos"] = [prompt["pos"][0], prompt["pos"][1] - 200]
+        if n["type"] == "KSampler":
+            n["size"] = [100, 100]
+    path = tmp / "canary_overlap.json"
+    path.write_text(json.dumps(ui))
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser_report(server, tmp_path_factory):
+    canary = overlapping_canary(tmp_path_factory.mktemp("canary"))
+    report = _run_browser_check(server, *UI_FILES, canary)
+    return report, str(canary)
+
+
+def _schema_inputs(schemas: dict, api: dict) -> dict:
+    """The front end also sends values of its own display widgets (Preview Any's `preview`); POST /prompt
+    ignores inputs a node does not declare, so compare only the declared ones."""
+    out = {}
+    for node_id, node in api.items():
+        declared = {k for section in schemas[node["class_type"]]["input"].values() for k in section}
+        out[node_id] = dict(node, inputs={k: v for k, v in node["inputs"].items() if k in declared})
+    return out
+
+
+def test_ui_files_open_in_the_comfyui_front_end_without_complaint(server, browser_report):
+    report, _ = browser_report
+    schemas = _get(server.url + "/object_info")
     print(f"front end opened {len(UI_FILES)} workflows; startup console: {report['_startup_console']}")
     for path in UI_FILES:
         r = report[str(path)]
@@ -113,7 +162,43 @@ def test_ui_files_open_in_the_comfyui_front_end_without_complaint(server):
         ui = json.loads(path.read_text())
         assert r["nodes"] == len(ui["nodes"])
         # the front end's own UI -> API conversion equals the committed API twin
-        assert r["prompt"] == json.loads((API_DIR / path.name).read_text()), where
+        assert _schema_inputs(schemas, r["prompt"]) == json.loads((API_DIR / path.name).read_text()), where
+
+
+def test_no_node_overlaps_another_and_every_widget_shows_in_the_front_end(browser_report):
+    """As ComfyUI's front end lays each UI workflow out after loading it: node boxes (title bars
+    included) never intersect, no node is smaller than its computeSize(), every widget lies inside its
+    node's body, and the front end kept the saved positions and sizes (it grows a node saved too small,
+    which is how the old layout came to overlap)."""
+    report, _ = browser_report
+    total = {"overlaps": 0, "undersized": 0, "hidden_widgets": 0, "moved": 0}
+    for path in UI_FILES:
+        r, ui = report[str(path)], json.loads(path.read_text())
+        moved = [n["id"] for n in ui["nodes"] if r["boxes"][str(n["id"])] != [n["pos"][0], n["pos"][1] - 30,
+                                                                           n["size"][0], n["size"][1] + 30]]
+        for key, found in (("overlaps", r["overlaps"]), ("undersized", r["undersized"]),
+                           ("hidden_widgets", r["hidden_widgets"]), ("moved", moved)):
+            total[key] += len(found)
+            assert found == [], f"{path.name}: {key} {found}"
+    print(f"{len(UI_FILES)} UI workflows in the front end: {total}")
+
+
+def test_the_front_end_check_catches_the_old_overlap(browser_report):
+    report, canary = browser_report
+    r = report[canary]
+    assert any("Hyper-SD LoRA Loader" in o and "Positive prompt" in o for o in r["overlaps"]), r["overlaps"]
+    ui = json.loads(Path(canary).read_text())
+    (ks,) = [n for n in ui["nodes"] if n["type"] == "KSampler"]
+    assert r["boxes"][str(ks["id"])][2:] != [100, 130]  # grown on load to its computeSize()
+
+
+def test_committed_node_sizes_are_the_front_ends(server):
+    """workflows/schemas/node_sizes.json (what the layout uses) equals computeSize() measured now."""
+    from workflows.layout import measured_sizes
+
+    committed = measured_sizes()
+    live = _run_browser_check(server, "--measure", *sorted(committed))
+    assert live == committed, "run `python -m workflows.node_sizes --url <this ComfyUI>`"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,6 +209,9 @@ def test_ui_files_open_in_the_comfyui_front_end_without_complaint(server):
 RUNNABLE = [p.stem for p in UI_FILES if json.loads(p.read_text())["extra"]["hypersd"]["family"] in ("SD15", "SDXL")]
 NOT_RUN = sorted({p.stem for p in UI_FILES} - set(RUNNABLE))
 TINY_SIZE = 64
+# output size at a 64 px input: hires fix upscales x1.5; side by side stitches 4 panels with 16 px between
+TINY_OUTPUT = {"hypersd_sd15_hires_fix_tcd": (96, 96), "hypersd_sdxl_side_by_side": (4 * 64 + 3 * 16, 64)}
+INPAINT_IMAGE = "example_hole.png"  # the mask the user would paint, as a transparent square
 HINT_CONVS = ((3, 16), (16, 16), (16, 32), (32, 32), (32, 96), (96, 96), (96, 256))  # then 256 -> model channels
 
 
@@ -165,24 +253,38 @@ def tiny_server(tmp_path_factory):
         files[family] = {"checkpoints": ckpt(), "loras": lora, "controlnet": control}
     base = make_base_dir(tmp_path_factory.mktemp("comfy_tiny"), REPO)
     write_example_drawing(base / "input" / "example.png", TINY_SIZE)
+    write_example_with_hole(base / "input" / INPAINT_IMAGE, TINY_SIZE)
     with ComfyServer(COMFYUI_PATH, COMFYUI_PYTHON, base) as srv:
         names = {fam: {folder: srv.add_model(folder, path) for folder, path in d.items()} for fam, d in files.items()}
+        for release in {r for name in RUNNABLE for r in loader_releases(name)}:
+            # the tiny LoRA under the official file name: the loader finds it (no download) and outputs
+            # that release's settings, which the workflow wires into its sampler
+            srv.add_model("loras", files[release.family]["loras"], release.filename)
         yield srv, names
 
 
+def loader_releases(name: str) -> list:
+    from releases import get_release
+
+    api = json.loads((API_DIR / f"{name}.json").read_text())
+    return [get_release(n["inputs"]["release"]) for n in api.values() if n["class_type"] == "HyperSDLoraLoader"]
+
+
 def tiny_prompt(api: dict, names: dict) -> dict:
-    """The shipped API workflow with tiny model files, a 64 px latent and the local LoRA file."""
+    """The shipped API workflow with tiny model files and a 64 px latent (the loader's release is kept:
+    the tiny LoRA lies in the loras folder under the release's file name)."""
     prompt = json.loads(json.dumps(api))
     for node in prompt.values():
         cls, inputs = node["class_type"], node["inputs"]
         if cls == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = names["checkpoints"]
-        elif cls == "HyperSDLoraLoader":
-            inputs.update(release="none (use lora_name)", lora_name=names["loras"])
         elif cls == "ControlNetLoader":
             inputs["control_net_name"] = names["controlnet"]
         elif cls == "EmptyLatentImage":
             inputs.update(width=TINY_SIZE, height=TINY_SIZE)
+    for node in prompt.values():  # inpainting: Load Image's MASK comes from a transparent area
+        if node["class_type"] == "SetLatentNoiseMask":
+            prompt[node["inputs"]["mask"][0]]["inputs"]["image"] = INPAINT_IMAGE
     return prompt
 
 
@@ -198,13 +300,71 @@ def test_workflow_runs_end_to_end_on_tiny_models(tiny_server, name):
     images = result.image_paths()
     assert len(images) == 1 and images[0].is_file()
     with Image.open(images[0]) as img:
-        assert img.size == (TINY_SIZE, TINY_SIZE)
+        assert img.size == TINY_OUTPUT.get(name, (TINY_SIZE, TINY_SIZE))
         low, high = img.convert("L").getextrema()
         assert high > low  # not a blank image
+    for rel, info in zip(loader_releases(name), preview_texts(result, api, "LoRA info")):
+        assert f"{rel.filename}: applied" in info and rel.note in info, info
     log = server.log()
     for complaint in ("missing controlnet keys", "lora key not loaded", "error could not detect control model"):
         assert complaint not in log, f"ComfyUI log says {complaint!r}\n{server.log_tail()}"
     print(f"{name}: {result.seconds:.1f} s -> {images[0].name}")
+
+
+def preview_texts(result, api: dict, title: str) -> list[str]:
+    """What the Preview Any nodes titled `title` showed."""
+    return ["".join(result.outputs[i]["text"]) for i, n in sorted(api.items())
+            if n["class_type"] == "PreviewAny" and n["_meta"]["title"] == title]
+
+
+def _trained_lora(path: Path, source: Path, segments: int) -> None:
+    """The tiny LoRA with the metadata this project's trainer writes (training/lora_files/export.py)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from training.lora_files.export import lora_metadata
+
+    stage = SimpleNamespace(type="tscd", segments=segments, steps=100)
+    cfg = SimpleNamespace(stages=[stage], lora=SimpleNamespace(rank=4, alpha=4.0), model=SimpleNamespace(base="tiny"))
+    save_file(load_file(str(source)), str(path), metadata=lora_metadata(cfg, "SD15", "epsilon"))
+
+
+SETTINGS_OUT = ("steps", "cfg", "sampler_name", "scheduler", "eta")
+
+
+@pytest.mark.parametrize("file, trained, expected, said", [
+    ("lcm-lora-sdv1-5.safetensors", None, ("4", "1.0", "lcm", "sgm_uniform", "1.0"), "LCM-LoRA by file name"),
+    ("pcm_sd15_smallcfg_2step_converted.safetensors", None, ("2", "1.0", "euler", "sgm_uniform", "0.0"),
+     "PCM small-CFG by file name"),
+    ("my_distilled.safetensors", 2, ("2", "1.0", "tcd", "tcd", "0.3"), "LoRA trained by this pack (SD15) by metadata"),
+    ("my_style.safetensors", None, ("4", "1.0", "tcd", "tcd", "0.3"), "unknown file"),
+])
+def test_loader_outputs_the_family_preset_and_ksampler_runs_with_it(tiny_server, tmp_path, file, trained, expected,
+                                                                   said):
+    """In real ComfyUI: a local LoRA's family (by name or by the trainer's metadata) sets the loader's
+    outputs, they validate as KSampler's sampler/scheduler inputs and the image is sampled with them."""
+    server, names = tiny_server
+    source = Path(server.base_dir / "models" / "loras" / names["SD15"]["loras"]).resolve()
+    if trained:
+        _trained_lora(tmp_path / file, source, trained)
+        source = tmp_path / file
+    server.add_model("loras", source, file)
+    prompt = core_txt2img_prompt(names["SD15"]["checkpoints"], text="a red circle", negative="", seed=1,
+                                 filename_prefix=f"preset_{Path(file).stem}")
+    prompt["lora"] = {"class_type": "HyperSDLoraLoader", "inputs": {
+        "model": ["ckpt", 0], "release": "none (use lora_name)", "lora_name": file, "strength_model": 1.0,
+        "strength_clip": 1.0, "download_missing": False}}
+    prompt["sampler"]["inputs"].update(model=["lora", 0], steps=["lora", 2], cfg=["lora", 3],
+                                       sampler_name=["lora", 4], scheduler=["lora", 5])
+    for slot, out in enumerate(SETTINGS_OUT + ("info",), start=2):  # the loader's outputs 2..7
+        prompt[f"show_{out}"] = {"class_type": "PreviewAny", "inputs": {"source": ["lora", slot]}}
+    result = server.run_prompt(prompt)
+    assert result.ok, result.error_text()
+    shown = {out: "".join(result.outputs[f"show_{out}"]["text"]) for out in ("info",) + SETTINGS_OUT}
+    assert tuple(shown[o] for o in SETTINGS_OUT) == expected, shown
+    assert said in shown["info"] and f"{file}: applied" in shown["info"], shown["info"]
+    assert len(result.image_paths()) == 1
 
 
 def test_sd3_and_flux_are_the_only_workflows_not_run():

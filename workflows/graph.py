@@ -1,13 +1,17 @@
 """A tiny graph builder that writes ComfyUI UI-format workflows (version 0.4).
 
 Nodes are added with named inputs; widget values are placed in the front end's widget order
-(taken from the node schemas), links get ids, and nodes are laid out in columns by depth.
+(taken from the node schemas), links get ids, and ``layout`` places the nodes from the sizes the
+front end gives them. A widget input can be fed by a link (``Wire``, e.g. the loader's steps into
+KSampler): the slot is saved the way the front end saves a linked widget, and the widget keeps a
+value for when the link is removed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .wfkit import extra_widget_values, input_kind, input_options, is_widget, ordered_inputs, combo_choices
+from . import layout
+from .wfkit import combo_choices, input_kind, input_options, is_widget, ordered_inputs
 
 
 def ui_type(output_type) -> str:
@@ -34,6 +38,17 @@ class Node:
         return Out(self.id, slot)
 
 
+@dataclass(frozen=True)
+class Wire:
+    """A widget input fed by a link; ``value`` stays in the widget for when the link is removed."""
+    out: Out
+    value: object
+
+
+def link_of(value) -> Out | None:
+    return value.out if isinstance(value, Wire) else value if isinstance(value, Out) else None
+
+
 class Graph:
     def __init__(self, schemas: dict):
         self.schemas = schemas
@@ -48,7 +63,7 @@ class Graph:
         unknown = set(inputs) - names
         if unknown:
             raise KeyError(f"{type_}: unknown inputs {sorted(unknown)}")
-        depth = 1 + max((self._node(v.node).depth for v in inputs.values() if isinstance(v, Out)), default=-1)
+        depth = 1 + max((self._node(link_of(v).node).depth for v in inputs.values() if link_of(v)), default=-1)
         node = Node(self._next, type_, inputs, title, depth)
         self._next += 1
         self.nodes.append(node)
@@ -66,8 +81,11 @@ class Graph:
         for name, spec, _ in ordered_inputs(self.schemas[node.type]):
             if not is_widget(spec):
                 continue
-            if name in node.inputs:
-                value = node.inputs[name]
+            given = node.inputs.get(name)
+            if isinstance(given, Wire):
+                value = given.value
+            elif name in node.inputs and not isinstance(given, Out):
+                value = given
             elif "default" in input_options(spec):
                 value = input_options(spec)["default"]
             elif input_kind(spec) == "COMBO" and combo_choices(spec):
@@ -82,32 +100,53 @@ class Graph:
                 values.append("image")
         return values
 
+    def _slots(self, node: Node, links: list, out_links: dict) -> list:
+        """Input slots as the front end saves them: link inputs in schema order, then linked widgets."""
+        schema = self.schemas[node.type]
+        specs = list(ordered_inputs(schema))
+        ordered = [s for s in specs if not is_widget(s[1])] + [s for s in specs if is_widget(s[1])]
+        slots = []
+        for name, spec, _ in ordered:
+            out = link_of(node.inputs.get(name))
+            if is_widget(spec) and out is None:
+                continue
+            link_id = None
+            if out is not None:
+                link_id = len(links) + 1
+                out_type = ui_type(self.schemas[self._node(out.node).type]["output"][out.slot])
+                links.append([link_id, out.node, out.slot, node.id, len(slots), out_type])
+                out_links.setdefault((out.node, out.slot), []).append(link_id)
+            slot = {"name": name, "type": input_kind(spec), "link": link_id}
+            if is_widget(spec):
+                slot["widget"] = {"name": name}
+            slots.append(slot)
+        return slots
+
+    def _one_line_widgets(self, node: Node) -> list:
+        """(label, value) of the node's combo and one-line text widgets: they set how wide it must be."""
+        out = []
+        for name, spec, _ in ordered_inputs(self.schemas[node.type]):
+            value = node.inputs.get(name)
+            if is_widget(spec) and isinstance(value, str) and not input_options(spec).get("multiline"):
+                out.append((name, value))
+        return out
+
+    def _positions(self) -> dict:
+        sizes = layout.measured_sizes()
+        ids = [n.id for n in self.nodes]
+        links = {n.id: [link_of(v).node for v in n.inputs.values() if link_of(v)] for n in self.nodes}
+        size_of = {n.id: layout.node_size(n.type, sizes, self._one_line_widgets(n)) for n in self.nodes}
+        notes = [(note_id, layout.note_size(text)) for note_id, _, text in self.notes]
+        return layout.place(ids, links, size_of, notes)
+
     def to_ui(self, extra: dict | None = None) -> dict:
-        links, ui_nodes = [], []
-        out_links: dict[tuple[int, int], list[int]] = {}
-        rows: dict[int, int] = {}
+        links, ui_nodes, out_links = [], [], {}
+        placed = self._positions()
         for order, node in enumerate(self.nodes):
-            schema = self.schemas[node.type]
-            slots = []
-            for name, spec, _ in ordered_inputs(schema):
-                if is_widget(spec):
-                    continue
-                link_id = None
-                value = node.inputs.get(name)
-                if isinstance(value, Out):
-                    link_id = len(links) + 1
-                    out_type = ui_type(self.schemas[self._node(value.node).type]["output"][value.slot])
-                    links.append([link_id, value.node, value.slot, node.id, len(slots), out_type])
-                    out_links.setdefault((value.node, value.slot), []).append(link_id)
-                slots.append({"name": name, "type": input_kind(spec), "link": link_id})
-            row = rows.get(node.depth, 0)
-            rows[node.depth] = row + 1
-            n_widgets = len(self._widget_values(node))
+            pos, size = placed[node.id]
             ui = {
-                "id": node.id, "type": node.type,
-                "pos": [40 + 360 * node.depth, 40 + 260 * row],
-                "size": [320, 60 + 26 * (max(len(slots), len(schema["output"])) + n_widgets)],
-                "flags": {}, "order": order, "mode": 0, "inputs": slots, "outputs": [],
+                "id": node.id, "type": node.type, "pos": pos, "size": size,
+                "flags": {}, "order": order, "mode": 0, "inputs": self._slots(node, links, out_links), "outputs": [],
                 "properties": {"Node name for S&R": node.type},
                 "widgets_values": self._widget_values(node),
             }
@@ -121,9 +160,10 @@ class Graph:
                 {"name": names[i], "type": ui_type(t), "links": out_links.get((ui["id"], i), []), "slot_index": i}
                 for i, t in enumerate(schema["output"])
             ]
-        for k, (node_id, title, text) in enumerate(self.notes):
+        for node_id, title, text in self.notes:
+            pos, size = placed[node_id]
             ui_nodes.append({
-                "id": node_id, "type": "Note", "title": title, "pos": [40 + 460 * k, -300], "size": [440, 260],
+                "id": node_id, "type": "Note", "title": title, "pos": pos, "size": size,
                 "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
                 "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653",
             })

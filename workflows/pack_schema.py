@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from .wfkit import MODEL_EXTENSIONS, MODEL_FILE_INPUTS, PACK_SCHEMA, REPO, dump, write_atomic
+from .wfkit import MODEL_EXTENSIONS, MODEL_FILE_INPUTS, PACK_SCHEMA, REPO, dump, write_or_check
 
 
 def _strip_local_files(info: dict) -> dict:
@@ -57,13 +57,7 @@ def main(argv=None) -> int:
     if not path:
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout")
     text = dump(dict(sorted(pack_object_info(path).items())))
-    if args.check:
-        same = PACK_SCHEMA.read_text() == text
-        print("up to date" if same else f"stale: {PACK_SCHEMA}")
-        return 0 if same else 1
-    write_atomic(PACK_SCHEMA, text)
-    print(f"wrote {PACK_SCHEMA}")
-    return 0
+    return write_or_check(PACK_SCHEMA, text, args.check)
 
 
 if __name__ == "__main__":

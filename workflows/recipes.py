@@ -1,19 +1,22 @@
 """Every shipped Hyper-SD workflow, defined once: ``WORKFLOWS`` maps a file name to its recipe.
 
-A recipe adds nodes to a ``Graph`` and returns the metadata the docs table shows. Recommended
-settings come from ``releases.RELEASES`` (see ``blocks``); what is chosen here is only what a
-release does not fix: the 4-step TCD variants at eta 0.3, ControlNet strengths, img2img denoise.
+A recipe adds nodes to a ``Graph`` and returns the metadata the docs table shows (``kind`` groups
+the workflows for the README's pictures). Recommended settings come from ``releases.RELEASES`` (see
+``blocks``) and, in the UI, from the loader's outputs wired into the samplers; what is chosen here
+is only what a release does not fix: the 4-step TCD variants at eta 0.3, ControlNet strengths,
+img2img denoise. The newer usages (inpainting, hires fix, 1-step img2img, side by side) are in
+``usages.py``.
 """
 from __future__ import annotations
 
 from releases import ONE_STEP_UNET_COMFY, RELEASES, get_release
 
-from .blocks import (BASE, HUB, NEGATIVE, PROMPT, SEED, base_note, checkpoint, decode_save, empty_latent,
-                     hyper_lora, ksampler, lora_note, tcd_sample, text)
+from .blocks import (BASE, HUB, MULTI_STEP_TCD, NEGATIVE, PROMPT, SEED, base_note, decode_save, empty_latent,
+                     fixed_tcd_note, from_loader, ksampler, lora_note, lora_start, tcd_sample, text, wired_note)
 from .graph import Graph
+from .usages import USAGES
 
-WORKFLOWS: dict = {}
-MULTI_STEP_TCD = (4, 0.3)  # steps, eta: lower eta keeps more detail at more steps
+WORKFLOWS: dict = dict(USAGES)
 
 
 def workflow(fn):
@@ -36,33 +39,35 @@ def step_lora(name: str):
             how = (f"\nN-step LoRA: DDIM trailing = {rel.sampler} + {rel.scheduler}, {steps} steps, cfg {rel.cfg:g} "
                    "(no negative prompt).")
             what, prefix = f"{family} {steps}-step LoRA, KSampler {rel.sampler} + {rel.scheduler}", f"{steps}step"
-        g.note(base_note(family) + lora_note(rel) + how)
-        ck = checkpoint(g, family)
-        model = hyper_lora(g, ck[0], rel)
-        pos, neg = text(g, ck[1], PROMPT, NEGATIVE if uses_cfg else "")
-        k = ksampler(g, model[0], pos[0], neg[0], empty_latent(g, family)[0], rel)
+        g.note(base_note(family) + lora_note(rel) + how + wired_note("steps", "cfg", "sampler_name", "scheduler"))
+        ck, model, pos, neg = lora_start(g, family, rel, NEGATIVE if uses_cfg else "")
+        k = ksampler(g, model[0], pos[0], neg[0], empty_latent(g, family)[0], rel, loader=model)
         decode_save(g, k[0], ck[2], f"{family.lower()}_{prefix}")
         return dict(what=what, family=family, models=[BASE[family][0], rel.filename], steps=steps, cfg=rel.cfg,
-                    eta=None)
+                    eta=None, kind="CFG LoRA" if uses_cfg else "N-step LoRA")
     return build
 
 
 def unified_tcd(family: str, steps: int | None = None, eta: float | None = None):
-    """The unified LoRA with the TCD sampler; by default the release's own steps and eta."""
+    """The unified LoRA with the TCD sampler: the release's own steps and eta from the loader, or fixed ones."""
     rel = get_release(f"Hyper-{family}-1step-lora")
-    steps, eta = steps or rel.steps, rel.eta if eta is None else eta
+    fixed = steps is not None
 
     def build(g: Graph):
+        shown_steps, shown_eta = (steps, eta) if fixed else (rel.steps, rel.eta)
+        how = (fixed_tcd_note(steps, eta, rel) + wired_note("cfg") if fixed else
+               wired_note("steps", "eta", "cfg"))
         g.note(base_note(family) + lora_note(rel) +
-               f"\nUnified LoRA + TCD: {steps} step(s), eta {eta} (eta {rel.eta} at 1 step; lower eta keeps more "
-               f"detail at more steps), cfg {rel.cfg:g}.")
-        ck = checkpoint(g, family)
-        model = hyper_lora(g, ck[0], rel)
-        pos, neg = text(g, ck[1], PROMPT, "")
-        s = tcd_sample(g, model[0], pos[0], neg[0], empty_latent(g, family)[0], rel, steps, eta)
-        decode_save(g, s[0], ck[2], f"{family.lower()}_unified_tcd_{steps}step")
+               f"\nUnified LoRA + TCD: {shown_steps} step(s), eta {shown_eta} (eta {rel.eta} at 1 step; lower eta "
+               f"keeps more detail at more steps), cfg {rel.cfg:g}." + how)
+        ck, model, pos, neg = lora_start(g, family, rel)
+        s = tcd_sample(g, model[0], pos[0], neg[0], empty_latent(g, family)[0], from_loader(model, "cfg", rel),
+                       steps if fixed else from_loader(model, "steps", rel),
+                       eta if fixed else from_loader(model, "eta", rel))
+        decode_save(g, s[0], ck[2], f"{family.lower()}_unified_tcd_{shown_steps}step")
         return dict(what=f"{family} unified LoRA, TCD sampler (SamplerCustom)", family=family,
-                    models=[BASE[family][0], rel.filename], steps=steps, cfg=rel.cfg, eta=eta)
+                    models=[BASE[family][0], rel.filename], steps=shown_steps, cfg=rel.cfg, eta=shown_eta,
+                    kind="unified LoRA + TCD")
     return build
 
 
@@ -90,21 +95,22 @@ def hypersd_sdxl_1step_unet(g: Graph):
               negative=neg[0], sampler=sampler[0], sigmas=sigmas[0], latent_image=lat[0])
     decode_save(g, s[0], ck[2], "sdxl_1step_unet")
     return dict(what="SDXL 1-step UNet checkpoint at timestep 800", family="SDXL", models=[ckpt], steps=1,
-                cfg=1.0, eta=None)
+                cfg=1.0, eta=None, kind="1-step UNet")
 
 
 def controlnet_tcd(g: Graph, family: str, control: str, control_hub: str, steps: int, eta: float,
                    strength: float, scribble: bool, image: str):
+    """ControlNet + unified LoRA + TCD; at the release's 1 step the loader's steps and eta are wired."""
     rel = get_release(f"Hyper-{family}-1step-lora")
     kind = "scribble" if scribble else "canny"
+    wired = steps == rel.steps and eta == rel.eta
     g.note(base_note(family) + lora_note(rel) +
            f"- models/controlnet/{control}  (hub: {control_hub})\n- input/{image}: your "
            f"{'drawing (either polarity) or photo' if scribble else 'photo'}\n"
            f"\n{kind} ControlNet (strength {strength}) + unified LoRA + TCD, {steps} step(s), eta {eta}, "
-           f"cfg {rel.cfg:g}.")
-    ck = checkpoint(g, family)
-    model = hyper_lora(g, ck[0], rel)
-    pos, neg = text(g, ck[1], PROMPT, "")
+           f"cfg {rel.cfg:g}." + (wired_note("steps", "eta", "cfg") if wired else
+                                  fixed_tcd_note(steps, eta, rel) + wired_note("cfg")))
+    ck, model, pos, neg = lora_start(g, family, rel)
     img = g.add("LoadImage", image=image)
     if scribble:
         hint = g.add("HyperSDScribblePreprocessor", image=img[0], source="drawing", polarity="auto",
@@ -114,10 +120,13 @@ def controlnet_tcd(g: Graph, family: str, control: str, control_hub: str, steps:
     cn = g.add("ControlNetLoader", control_net_name=control)
     applied = g.add("ControlNetApplyAdvanced", positive=pos[0], negative=neg[0], control_net=cn[0], image=hint[0],
                     strength=strength, start_percent=0.0, end_percent=1.0, vae=ck[2])
-    s = tcd_sample(g, model[0], applied[0], applied[1], empty_latent(g, family)[0], rel, steps, eta)
+    s = tcd_sample(g, model[0], applied[0], applied[1], empty_latent(g, family)[0], from_loader(model, "cfg", rel),
+                   from_loader(model, "steps", rel) if wired else steps,
+                   from_loader(model, "eta", rel) if wired else eta)
     decode_save(g, s[0], ck[2], f"{family.lower()}_{kind}_controlnet")
     return dict(what=f"{family} {kind} ControlNet (strength {strength}) + unified LoRA + TCD", family=family,
-                models=[BASE[family][0], rel.filename, control], steps=steps, cfg=rel.cfg, eta=eta)
+                models=[BASE[family][0], rel.filename, control], steps=steps, cfg=rel.cfg, eta=eta,
+                kind="ControlNet")
 
 
 @workflow
@@ -147,16 +156,14 @@ def hypersd_sd15_img2img_tcd(g: Graph):
     rel, (steps, eta) = get_release("Hyper-SD15-1step-lora"), MULTI_STEP_TCD
     g.note(base_note("SD15") + lora_note(rel) + "- input/example.png: the image to transform\n"
            f"\nimg2img: unified LoRA + TCD, {steps} steps at denoise 0.6 (TCD picks the timesteps below 0.6 T), "
-           f"eta {eta}, cfg {rel.cfg:g}.")
-    ck = checkpoint(g, "SD15")
-    model = hyper_lora(g, ck[0], rel)
-    pos, neg = text(g, ck[1], PROMPT, "")
+           f"eta {eta}, cfg {rel.cfg:g}." + fixed_tcd_note(steps, eta, rel) + wired_note("cfg"))
+    ck, model, pos, neg = lora_start(g, "SD15", rel)
     img = g.add("LoadImage", image="example.png")
     lat = g.add("VAEEncode", pixels=img[0], vae=ck[2])
-    s = tcd_sample(g, model[0], pos[0], neg[0], lat[0], rel, steps, eta, denoise=0.6)
+    s = tcd_sample(g, model[0], pos[0], neg[0], lat[0], from_loader(model, "cfg", rel), steps, eta, denoise=0.6)
     decode_save(g, s[0], ck[2], "sd15_img2img_tcd")
     return dict(what="SD15 img2img, unified LoRA + TCD, denoise 0.6", family="SD15",
-                models=[BASE["SD15"][0], rel.filename], steps=steps, cfg=rel.cfg, eta=eta)
+                models=[BASE["SD15"][0], rel.filename], steps=steps, cfg=rel.cfg, eta=eta, kind="img2img")
 
 
 def _other_sizes(rel) -> list:
@@ -178,7 +185,7 @@ def hypersd_sd3_8step_cfg_lora(g: Graph):
     k = ksampler(g, model[0], pos[0], neg[0], lat[0], rel)
     decode_save(g, k[0], ck[2], "sd3_8step_cfg")
     return dict(what=f"SD3-medium {rel.steps}-step CFG LoRA at scale {rel.strength}", family="SD3",
-                models=[ckpt, rel.filename], steps=rel.steps, cfg=rel.cfg, eta=None)
+                models=[ckpt, rel.filename], steps=rel.steps, cfg=rel.cfg, eta=None, kind="SD3")
 
 
 @workflow
@@ -207,4 +214,4 @@ def hypersd_flux_8step_lora(g: Graph):
                 family="FLUX",
                 models=["flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors",
                         rel.filename],
-                steps=rel.steps, cfg=rel.cfg, eta=None, guidance=rel.guidance)
+                steps=rel.steps, cfg=rel.cfg, eta=None, guidance=rel.guidance, kind="FLUX")

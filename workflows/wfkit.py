@@ -190,3 +190,14 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_or_check(path: Path, text: str, check: bool) -> int:
+    """Write `text` to `path` (atomically), or with `check` only say whether it is already there: exit code."""
+    if check:
+        same = path.is_file() and path.read_text() == text
+        print("up to date" if same else f"stale: {path}")
+        return 0 if same else 1
+    write_atomic(path, text)
+    print(f"wrote {path}")
+    return 0
