@@ -34,3 +34,18 @@ def test_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="cannot import"):
         build_reward("no_such_module_xyz:score")
     assert build_reward("training.models.rewards:TinyReward")(torch.zeros(1, 3, 8, 8)).shape == (1,)
+
+
+def test_clip_preprocess_takes_bf16_images_on_cpu():
+    """The feedback stage decodes under bf16 autocast (the shipped configs' mixed precision), so CLIP
+    rewards get bf16 images; the antialiased resize has no bf16 CPU kernel (this crashed the full-size
+    benchmark's feedback step). The result matches the float32 path and stays differentiable."""
+    from training.models.rewards import clip_preprocess
+
+    images = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(0))
+    bf16 = images.to(torch.bfloat16).requires_grad_(True)
+    out = clip_preprocess(bf16, 224)
+    assert out.shape == (1, 3, 224, 224) and torch.isfinite(out).all()
+    assert torch.allclose(out, clip_preprocess(bf16.detach().float(), 224), atol=1e-6)
+    out.sum().backward()
+    assert bf16.grad is not None and bf16.grad.dtype == torch.bfloat16

@@ -39,10 +39,12 @@ def to_unit_range(images: torch.Tensor, input_range=(-1.0, 1.0)) -> torch.Tensor
 
 
 def clip_preprocess(images01: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """Differentiable CLIP preprocessing: bicubic resize of the short side + centre crop + normalise."""
+    """Differentiable CLIP preprocessing: bicubic resize of the short side + centre crop + normalise.
+    In float32: images decoded under bf16 autocast are bf16, and torch has no antialiased bicubic resize
+    for bf16 on the CPU (NotImplementedError 'compute_index_ranges_weights')."""
     h, w = images01.shape[-2:]
     scale = size / min(h, w)
-    x = F.interpolate(images01, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+    x = F.interpolate(images01.float(), size=(max(size, round(h * scale)), max(size, round(w * scale))),
                       mode="bicubic", align_corners=False, antialias=scale < 1)
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[..., top:top + size, left:left + size]
