@@ -21,4 +21,14 @@ class TrainingDiverged(RuntimeError):
     the stage, the step and the value, and the settings to lower."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelError, TrainingDiverged, FileExistsError, FileNotFoundError)
+class CheckpointError(ValueError):
+    """A --resume folder that is not a checkpoint this trainer wrote (or does not fit the config); the message
+    names the folder and the file. Nothing in it has been loaded."""
+
+
+class WriteError(RuntimeError):
+    """An output could not be written (disk full, no permission); the message names the path."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, TrainingDiverged, CheckpointError, WriteError, FileExistsError,
+               FileNotFoundError)

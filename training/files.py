@@ -7,18 +7,36 @@ import os
 import tempfile
 from contextlib import contextmanager
 
+from training.errors import WriteError
+
+TEMP_PREFIX = ".tmp-"  # every temp file or folder the trainer writes; a later start removes leftovers (killed runs)
+
+
+@contextmanager
+def writing(path: str):
+    """An OSError (disk full, no permission) or a safetensors write error -> one WriteError naming `path`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise WriteError(f"cannot write {path}: {why}") from None
+
 
 @contextmanager
 def _temp_path(path: str, suffix: str):
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
+    tmp = None
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path):
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=folder)
+            os.close(fd)
+            yield tmp
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -44,6 +62,12 @@ def save_png_atomic(array, path: str) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def save_text_atomic(text: str, path: str) -> None:
+    with _temp_path(path, ".txt") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def save_json_atomic(obj, path: str) -> None:
     with _temp_path(path, ".json") as tmp:
         with open(tmp, "w") as f:
@@ -57,13 +81,15 @@ def atomic_folder(folder: str):
     import shutil
 
     folder = os.path.abspath(folder)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
+    tmp = None
     try:
-        yield tmp
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with writing(folder):
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=os.path.dirname(folder))
+            yield tmp
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
     finally:
-        if os.path.isdir(tmp):
+        if tmp and os.path.isdir(tmp):
             shutil.rmtree(tmp)

@@ -5,6 +5,7 @@ Trains Hyper-SD stages in order (TSCD 8 -> 4 -> 2 -> 1 with the adversarial term
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from training.config import load_config
@@ -29,6 +30,11 @@ def main(argv=None):
         return train(load_config(args.config, args.set), args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except OSError as e:  # a full or read-only disk outside the trainer's own writers (training/files.py)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"error: cannot write {e.filename or 'an output file'}: {e.strerror}", file=sys.stderr)
         raise SystemExit(2)
 
 

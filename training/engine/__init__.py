@@ -4,7 +4,8 @@
     batches.py     the global micro-batch: latents, noise, the uniforms table, text conditioning
     loop.py        stage switching and the optimizer step
     finish.py      exports (stage LoRAs, the unified LoRA, the 1-step UNet), samples.png, metrics.json
-    checkpoint.py  atomic accelerate checkpoints + the stages' own state as safetensors
+    checkpoint.py  the trainer's own checkpoints (safetensors + JSON; nothing is unpickled on resume)
+    output.py      the output folder: checks, marker, temp leftovers, cleanup after a failed fresh run
     progress.py    progress bar, log.jsonl, TensorBoard
     samples.py     the sample grid (TCD through schedulers/)
 """
@@ -12,7 +13,8 @@
 
 def train(cfg, args):
     """`python -m training.run`: run every stage of `cfg` and write the outputs; returns the output folder."""
-    return run_training(cfg, resume=args.resume, overwrite=args.overwrite, show_bar=not args.quiet).out_dir
+    run_training(cfg, resume=args.resume, overwrite=args.overwrite, show_bar=not args.quiet)
+    return cfg.output.dir
 
 
 def run_training(cfg, resume=None, overwrite=False, show_bar=True, base=None, dataset=None, summary=True):
@@ -20,14 +22,24 @@ def run_training(cfg, resume=None, overwrite=False, show_bar=True, base=None, da
 
     base: a models.base.Base to train instead of loading cfg.model.base (e.g. a pixel-space model with an
     identity VAE and its own `Base.text_fn`); dataset: samples {"pixel_values", "caption"} instead of
-    building cfg.data (it needs `bucket_ids`, see data.ImageCaptionDataset)."""
-    from training.engine import finish, loop, setup
+    building cfg.data (it needs `bucket_ids`, see data.ImageCaptionDataset). Resuming a run whose outputs
+    were already written from its last checkpoint does nothing and returns None."""
+    import os
 
+    from training.engine import finish, loop, output, setup
+
+    done = resume and output.finished_message(cfg, resume)
+    if done:
+        if os.environ.get("RANK", "0") == "0":
+            print(done, flush=True)
+        return None
     run = setup.start_run(cfg, resume, overwrite, base=base, dataset=dataset)
     run.summary = summary
-    setup.attach_trainables(run)
-    setup.resume(run, resume)
-    setup.attach_data(run)
-    loop.train_stages(run, show_bar=show_bar)
-    finish.finish_run(run)
+    with output.removed_on_user_error(run):
+        setup.write_run_files(run, copy_teacher=base is None and cfg.model.base == "tiny")
+        setup.attach_trainables(run)
+        setup.resume(run, resume)
+        setup.attach_data(run)
+        loop.train_stages(run, show_bar=show_bar)
+        finish.finish_run(run)
     return run

@@ -35,6 +35,7 @@ def write_outputs(run) -> None:
                "train_seconds": run.train_seconds, "sample_seconds": time.time() - t0, "family": base.family,
                "prediction_type": base.prediction_type, "merge": merge_report, "full_unet": full_report,
                "data_cache": run.data.cache_stats, "teacher_pipeline": teacher_dir,
+               "data": data_stats(run.data.dataset),
                "data_stream": run.data.stream.stats if run.data.stream is not None else None,
                "stages": [stage_summary(s, run.losses.get(i, []), run.logs.get(i, []))
                           for i, s in enumerate(cfg.stages)]}
@@ -42,6 +43,13 @@ def write_outputs(run) -> None:
     save_json_atomic(metrics, os.path.join(run.out_dir, "metrics.json"))
     if run.summary:
         print_summary(run, metrics)
+
+
+def data_stats(dataset):
+    """What docs/data.md promises: images found, read, unreadable (by name), missing captions, buckets."""
+    stats = getattr(dataset, "stats", None)
+    keys = ("num_found", "num_ok", "num_unreadable", "unreadable_files", "num_missing_captions", "num_buckets")
+    return {k: stats[k] for k in keys if k in stats} if isinstance(stats, dict) else None
 
 
 def export_one_step_unet(run):

@@ -65,7 +65,7 @@ def start_stage(run, index, stage) -> ActiveStage:
 
 def restore_own_student(run, own):
     """Resumed inside a stage that trains its own model: the checkpoint holds the trained model + optimizer."""
-    from training.engine import checkpoint as ckpt
+    import training.engine.checkpoint as ckpt
 
     if not run.resume_dir:
         raise RuntimeError("a stage with its own model is under way but there is no resume checkpoint")
@@ -146,7 +146,7 @@ def data_position(run):
 
 
 def train_stages(run, show_bar=True):
-    from training.engine import checkpoint as ckpt
+    import training.engine.checkpoint as ckpt
     from training.engine.progress import RunLogger
 
     cfg = run.cfg
@@ -163,13 +163,23 @@ def train_stages(run, show_bar=True):
         if cfg.output.stage_snapshots and run.step == active.ctx.stage_start + stage.steps:
             save_stage_snapshot(run, active)
         if run.step % cfg.output.checkpoint_every == 0 or run.step == cfg.total_steps:
-            ckpt.save_checkpoint(run.accelerator, run.out_dir, run.step, cfg.output.keep_checkpoints,
-                                 run.train.persistent, data_state=data_position(run))
+            ckpt.save_checkpoint(run, data_state=data_position(run))
     logger.close()
     if run.data.stream is not None:
         run.data.stream.close()
     run.train_seconds = time.time() - run.t_start
+    final_state(run, active)
     if run.full_stage is not None:
-        if "full_unet" not in run.train.persistent:  # resumed after the end: restore it from the checkpoint
-            start_stage(run, cfg.stages.index(run.full_stage), run.full_stage)
         run.full_unet = run.train.persistent["full_unet"]
+
+
+def final_state(run, active):
+    """Resumed after a stage that trains its own UNet, or after the last step: restore that UNet from the
+    checkpoint and switch the adapters as the last step left them, so the exports and samples.png equal an
+    uninterrupted run's."""
+    stages, full = run.cfg.stages, run.full_stage
+    last = active
+    if full is not None and "full_unet" not in run.train.persistent:
+        last = start_stage(run, stages.index(full), full)
+    if last is None or last.index != len(stages) - 1:
+        start_stage(run, len(stages) - 1, stages[-1])

@@ -24,7 +24,7 @@ def start_run(cfg, resume=None, overwrite=False, base=None, dataset=None) -> Run
     (`base` / `dataset` given: used instead of cfg.model.base / cfg.data)."""
     from accelerate import Accelerator
 
-    from training.files import save_json_atomic
+    from training.models.adapters import check_targets
     from training.models.base import load_base
     from training.stages.score_distill import is_full
 
@@ -36,17 +36,23 @@ def start_run(cfg, resume=None, overwrite=False, base=None, dataset=None) -> Run
     data = build_data(cfg, dataset, micro_global, accelerator)
     resources = {i: r for i, s in enumerate(cfg.stages)
                  if (r := get_stage(s.type).preflight(s, i, accelerator.device)) is not None}
-    from_tiny = base is None and cfg.model.base == "tiny"
     base = load_base(cfg.model) if base is None else base
-    # data, rewards and the model loaded: only now may a previous run's folder be replaced
-    prepare_output(cfg.output.dir, resume, overwrite, accelerator)
-    if accelerator.is_main_process:
-        save_json_atomic(to_dict(cfg), os.path.join(cfg.output.dir, "config.json"))
-    if from_tiny:
-        copy_tiny_teacher(cfg.output.dir, accelerator)
+    check_targets(base.unet, cfg.lora.targets)
     place_frozen_base(base, cfg, accelerator.device)
-    return Run(cfg, accelerator, cfg.output.dir, base, data, resources, t_start=t_start,
+    # data, rewards and the model loaded: only now may a previous run's folder be replaced
+    started = prepare_output(cfg.output.dir, resume, overwrite, accelerator)
+    return Run(cfg, accelerator, cfg.output.dir, base, data, resources, t_start=t_start, output_started=started,
                full_stage=next((s for s in cfg.stages if is_full(s)), None))
+
+
+def write_run_files(run: Run, copy_teacher: bool) -> None:
+    """config.json and (the shipped tiny teacher loaded) a copy of the teacher's file."""
+    from training.files import save_json_atomic
+
+    if run.accelerator.is_main_process:
+        save_json_atomic(to_dict(run.cfg), os.path.join(run.out_dir, "config.json"))
+    if copy_teacher:
+        copy_tiny_teacher(run.out_dir, run.accelerator)
 
 
 def check_batch_split(cfg, n_proc: int) -> int:
@@ -73,10 +79,13 @@ def build_data(cfg, dataset, micro_global, accelerator) -> RunData:
 def copy_tiny_teacher(out_dir, accelerator):
     """The tiny teacher is shipped (training/models/tiny_teacher.safetensors, loaded by build_tiny; made by
     python -m training.models.tiny_pretrain): a copy goes into the output folder, for the record."""
+    from training.files import writing
     from training.models import tiny
 
+    path = os.path.join(out_dir, "tiny_teacher.safetensors")
     if accelerator.is_main_process:
-        shutil.copyfile(tiny.TEACHER_PATH, os.path.join(out_dir, "tiny_teacher.safetensors"))
+        with writing(path):
+            shutil.copyfile(tiny.TEACHER_PATH, path)
     accelerator.wait_for_everyone()
 
 
@@ -111,7 +120,6 @@ def attach_trainables(run: Run) -> None:
     lr_sched = get_scheduler(cfg.optim.lr_scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps,
                              num_training_steps=cfg.total_steps)
     student, opt = run.accelerator.prepare(unet, opt)
-    run.accelerator.register_for_checkpointing(lr_sched, ema)
     run.train = Trainables(groups, params, init_rank, stack, ema, persistent, opt, lr_sched, student,
                            run.accelerator.unwrap_model(student))
 
@@ -123,7 +131,10 @@ def attach_init_lora(unet, path: str) -> int:
     from training.lora_files.kohya import load_kohya
     from training.models.adapters import add_kohya_adapter
 
-    return add_kohya_adapter(unet, "init", load_kohya(path), "config key 'model.init_lora'")
+    try:
+        return add_kohya_adapter(unet, "init", load_kohya(path), f"LoRA {path}")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"config key 'model.init_lora': {e}") from None
 
 
 def group_lr(cfg, group):
@@ -144,12 +155,11 @@ def adapters_for(group, groups, has_init):
 
 
 def resume(run: Run, resume_arg) -> None:
-    from training.engine import checkpoint as ckpt
+    import training.engine.checkpoint as ckpt
 
     run.resume_dir = ckpt.resolve_resume(resume_arg, run.out_dir) if resume_arg else None
     if run.resume_dir:
-        run.step = ckpt.load_checkpoint(run.accelerator, run.resume_dir)
-        ckpt.load_extra(run.resume_dir, run.train.persistent)
+        run.step = ckpt.load_checkpoint(run, run.resume_dir)
         if run.data.stream is not None:
             from training.data.run_stream import restore_position
 

@@ -49,6 +49,7 @@ class Run:
     full_unet: Any = None        # the trained 1-step UNet copy (mode full), for finish
     train_seconds: float = 0.0
     summary: bool = True         # print where the files are, quality figures and usage at the end
+    output_started: str = ""     # output.prepare_output: "made" / "filled" the folder, or "resumed" in it
 
     @property
     def device(self):

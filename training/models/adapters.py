@@ -16,9 +16,12 @@ UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
 
 
 def check_targets(unet, targets) -> None:
+    """Some UNet module is named like a target (peft's rule: the whole name or its last dotted parts)."""
+    from training.errors import ConfigError
+
     names = {n for n, _ in unet.named_modules()}
     if not any(n == t or n.endswith("." + t) for n in names for t in targets):
-        raise ValueError(f"config key 'lora.targets': none of {list(targets)} matches a UNet module")
+        raise ConfigError(f"config key 'lora.targets': none of {list(targets)} matches a UNet module")
 
 
 def add_adapter(unet, name: str, rank: int, alpha: float, targets=UNET_LORA_TARGETS, init="gaussian",
