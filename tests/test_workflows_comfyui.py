@@ -168,16 +168,17 @@ def test_ui_files_open_in_the_comfyui_front_end_without_complaint(server, browse
 def test_no_node_overlaps_another_and_every_widget_shows_in_the_front_end(browser_report):
     """As ComfyUI's front end lays each UI workflow out after loading it: node boxes (title bars
     included) never intersect, no node is smaller than its computeSize(), every widget lies inside its
-    node's body, and the front end kept the saved positions and sizes (it grows a node saved too small,
+    node's body with no other node on it, and the front end kept the saved positions and sizes (it grows a node saved too small,
     which is how the old layout came to overlap)."""
     report, _ = browser_report
-    total = {"overlaps": 0, "undersized": 0, "hidden_widgets": 0, "moved": 0}
+    total = {"overlaps": 0, "undersized": 0, "hidden_widgets": 0, "covered_widgets": 0, "moved": 0}
     for path in UI_FILES:
         r, ui = report[str(path)], json.loads(path.read_text())
         moved = [n["id"] for n in ui["nodes"] if r["boxes"][str(n["id"])] != [n["pos"][0], n["pos"][1] - 30,
                                                                            n["size"][0], n["size"][1] + 30]]
         for key, found in (("overlaps", r["overlaps"]), ("undersized", r["undersized"]),
-                           ("hidden_widgets", r["hidden_widgets"]), ("moved", moved)):
+                           ("hidden_widgets", r["hidden_widgets"]), ("covered_widgets", r["covered_widgets"]),
+                           ("moved", moved)):
             total[key] += len(found)
             assert found == [], f"{path.name}: {key} {found}"
     print(f"{len(UI_FILES)} UI workflows in the front end: {total}")
@@ -187,6 +188,9 @@ def test_the_front_end_check_catches_the_old_overlap(browser_report):
     report, canary = browser_report
     r = report[canary]
     assert any("Hyper-SD LoRA Loader" in o and "Positive prompt" in o for o in r["overlaps"]), r["overlaps"]
+    # what the issue saw: the loader's lowest widgets hidden under "Positive prompt"
+    assert any(c.startswith("Hyper-SD LoRA Loader") and ".download_missing under Positive prompt" in c
+               for c in r["covered_widgets"]), r["covered_widgets"]
     ui = json.loads(Path(canary).read_text())
     (ks,) = [n for n in ui["nodes"] if n["type"] == "KSampler"]
     assert r["boxes"][str(ks["id"])][2:] != [100, 130]  # grown on load to its computeSize()

@@ -9,8 +9,8 @@
 // errors, `prompt` the API form the front end itself builds (app.graphToPrompt), which the Python test
 // compares with the committed API twin, and the layout as the front end shows it: `overlaps` pairs of
 // node boxes (title bar included) that intersect, `undersized` nodes smaller than their computeSize()
-// (the front end grows them on load), `hidden_widgets` widgets not inside their node's body, `boxes`
-// every node's [x, y, w, h] with the title bar. --shots DIR also saves DIR/<file stem>.png: the whole
+// (the front end grows them on load), `hidden_widgets` widgets not inside their node's body,
+// `covered_widgets` widgets another node's box lies on, `boxes` every node's [x, y, w, h] with the title bar. --shots DIR also saves DIR/<file stem>.png: the whole
 // graph fitted into 2400 x 1400 (at most 100 %), the front end's menus hidden.
 // Measure mode prints {type: [w, h]}: computeSize() of a freshly created node of each type (what
 // workflows/schemas/node_sizes.json stores).
@@ -65,7 +65,9 @@ function layoutReport() {
       if (w > 0 && h > 0) overlaps.push(`${label(nodes[i])} and ${label(nodes[j])} overlap by ${Math.round(w)} x ${Math.round(h)} px`);
     }
   }
-  const undersized = [], hiddenWidgets = [];
+  const undersized = [], hiddenWidgets = [], coveredWidgets = [];
+  const hits = (a, b) => Math.min(a[0] + a[2], b[0] + b[2]) > Math.max(a[0], b[0]) &&
+    Math.min(a[1] + a[3], b[1] + b[3]) > Math.max(a[1], b[1]);
   for (const n of nodes) {
     const [cw, ch] = Array.from(n.computeSize());
     if (n.size[0] + 0.5 < cw || n.size[1] + 0.5 < ch) {
@@ -81,10 +83,14 @@ function layoutReport() {
       const h = w.computedHeight ?? window.LiteGraph.NODE_WIDGET_HEIGHT;
       if (y === undefined || y < 0 || y + h > n.size[1] + 0.5) {
         hiddenWidgets.push(`${label(n)}.${w.name} at y ${y} + ${h} outside the node body (height ${n.size[1]})`);
+        continue;
       }
+      const rect = [n.pos[0], n.pos[1] + y, n.size[0], h];
+      const over = nodes.filter((m) => m !== n && hits(rect, boxes[m.id])).map(label);
+      if (over.length) coveredWidgets.push(`${label(n)}.${w.name} under ${over.join(", ")}`);
     }
   }
-  return { overlaps, undersized, hidden_widgets: hiddenWidgets, boxes };
+  return { overlaps, undersized, hidden_widgets: hiddenWidgets, covered_widgets: coveredWidgets, boxes };
 }
 
 async function hideChrome(page) {

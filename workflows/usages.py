@@ -61,8 +61,8 @@ def hypersd_sd15_hires_fix_tcd(g: Graph):
     high = tcd_sample(g, model[0], pos[0], neg[0], up[0], cfg, steps, eta, denoise=HIRES_DENOISE, title="Hires pass")
     decode_save(g, high[0], ck[2], "sd15_hires_fix_tcd")
     return dict(what=f"SD15 hires fix: TCD at {size} px, latent x{HIRES_SCALE}, TCD at denoise {HIRES_DENOISE}",
-                family="SD15", models=[BASE["SD15"][0], rel.filename], steps=rel.steps, cfg=rel.cfg, eta=rel.eta,
-                kind="hires fix")
+                family="SD15", models=[BASE["SD15"][0], rel.filename], steps=f"{rel.steps} + {steps}", cfg=rel.cfg,
+                eta=f"{rel.eta:g} / {eta:g}", kind="hires fix")
 
 
 @usage
