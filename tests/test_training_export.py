@@ -59,3 +59,23 @@ def test_diffusers_load_lora_weights_reproduces_student(tmp_path):
     print(f"parity max abs err {err:.3e}, LoRA effect {effect:.3e}")
     assert effect > 1e-2      # the LoRA changes the output, so the comparison means something
     assert err < 1e-5
+
+
+def test_outputs_get_the_permissions_open_would_give(tmp_path):
+    """Atomic writes go through mkstemp / mkdtemp (0600 / 0700); the finished files and folders get the
+    umask's permissions like any new file, so e.g. a ComfyUI running as another user can read the LoRA."""
+    import os
+    import stat
+
+    from training.files import atomic_folder, save_file_atomic, save_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        save_file_atomic({"w": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
+        save_json_atomic({"a": 1}, str(tmp_path / "metrics.json"))
+        with atomic_folder(str(tmp_path / "teacher")) as tmp:
+            open(os.path.join(tmp, "x.json"), "w").close()
+    finally:
+        os.umask(old)
+    for name, mode in (("lora.safetensors", 0o644), ("metrics.json", 0o644), ("teacher", 0o755)):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name

@@ -24,6 +24,14 @@ def writing(path: str):
         raise WriteError(f"cannot write {path}: {why}") from None
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` less the process umask: the permissions open() would give a new file (mkstemp / mkdtemp make
+    0600 / 0700, which would leave outputs unreadable to another user, e.g. a ComfyUI service account)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextmanager
 def _temp_path(path: str, suffix: str):
     folder = os.path.dirname(os.path.abspath(path))
@@ -33,6 +41,7 @@ def _temp_path(path: str, suffix: str):
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=folder)
             os.close(fd)
+            os.chmod(tmp, umask_mode(0o666))
             yield tmp
             os.replace(tmp, path)
     finally:
@@ -86,6 +95,7 @@ def atomic_folder(folder: str):
         with writing(folder):
             os.makedirs(os.path.dirname(folder), exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=os.path.dirname(folder))
+            os.chmod(tmp, umask_mode(0o777))
             yield tmp
             if os.path.isdir(folder):
                 shutil.rmtree(folder)
