@@ -41,8 +41,8 @@ def _temp_path(path: str, suffix: str):
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=folder)
             os.close(fd)
-            os.chmod(tmp, umask_mode(0o666))
             yield tmp
+            os.chmod(tmp, umask_mode(0o666))  # after writing: a writer may have re-created the file
             os.replace(tmp, path)
     finally:
         if tmp and os.path.exists(tmp):
@@ -95,8 +95,8 @@ def atomic_folder(folder: str):
         with writing(folder):
             os.makedirs(os.path.dirname(folder), exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=os.path.dirname(folder))
-            os.chmod(tmp, umask_mode(0o777))
             yield tmp
+            os.chmod(tmp, umask_mode(0o777))
             if os.path.isdir(folder):
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
