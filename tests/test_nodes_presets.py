@@ -37,8 +37,9 @@ def test_published_file_names_get_their_family_settings(name, family, steps, cfg
     assert preset.source.startswith("https://huggingface.co/")
 
 
-@pytest.mark.parametrize("name", ["my_style_lora.safetensors", "lcmlike.safetensors", "pcm_deterministic_4step_shift3"
-                                  ".safetensors", "Hyper-FLUX.1-dev-8steps-lora-copy.safetensors", "lightning2.safetensors",
+@pytest.mark.parametrize("name", ["my_style_lora.safetensors", "lcmlike.safetensors",
+                                  "pcm_deterministic_4step_shift3.safetensors",
+                                  "Hyper-FLUX.1-dev-8steps-lora-copy.safetensors", "lightning2.safetensors",
                                   "tcdx.safetensors"])
 def test_unknown_names_keep_the_defaults_and_say_so(name):
     preset, _ = recommended_settings(name, {})

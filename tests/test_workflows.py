@@ -266,7 +266,8 @@ def test_columns_put_each_node_just_left_of_its_first_consumer():
 def test_a_one_line_widget_widens_its_node():
     sizes = {"CheckpointLoaderSimple": [210, 98]}
     narrow = layout.node_size("CheckpointLoaderSimple", sizes, [("ckpt_name", "a.safetensors")])
-    wide = layout.node_size("CheckpointLoaderSimple", sizes, [("ckpt_name", "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors")])
+    wide = layout.node_size("CheckpointLoaderSimple", sizes,
+                            [("ckpt_name", "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors")])
     assert narrow == (layout.WIDTH, 98) and wide[0] > layout.WIDTH
     with pytest.raises(KeyError, match="python -m workflows.node_sizes"):
         layout.node_size("SomethingNew", sizes)

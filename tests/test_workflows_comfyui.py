@@ -168,8 +168,8 @@ def test_ui_files_open_in_the_comfyui_front_end_without_complaint(server, browse
 def test_no_node_overlaps_another_and_every_widget_shows_in_the_front_end(browser_report):
     """As ComfyUI's front end lays each UI workflow out after loading it: node boxes (title bars
     included) never intersect, no node is smaller than its computeSize(), every widget lies inside its
-    node's body with no other node on it, and the front end kept the saved positions and sizes (it grows a node saved too small,
-    which is how the old layout came to overlap)."""
+    node's body with no other node on it, and the front end kept the saved positions and sizes (it
+    grows a node saved too small, which is how the old layout came to overlap)."""
     report, _ = browser_report
     total = {"overlaps": 0, "undersized": 0, "hidden_widgets": 0, "covered_widgets": 0, "moved": 0}
     for path in UI_FILES:

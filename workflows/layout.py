@@ -6,8 +6,9 @@ headless Chromium by ``python -m workflows.node_sizes`` (the browser test checks
 node opened with a smaller saved size is enlarged by the front end and then covers its neighbours,
 which is what happened before this module.
 
-Nodes go in columns by their depth in the graph, each pulled right next to its first consumer; each column is as wide as its widest node; nodes stack with their title bars
-(LiteGraph.NODE_TITLE_HEIGHT) and a gap counted in, so no two node boxes overlap. Notes go above.
+Nodes go in columns by their depth in the graph, each pulled right next to its first consumer; each
+column is as wide as its widest node; nodes stack with their title bars (LiteGraph.NODE_TITLE_HEIGHT)
+and a gap counted in, so no two node boxes overlap. Notes go above.
 """
 from __future__ import annotations
 
