@@ -1,73 +1,75 @@
-"""PNG charts drawn with PIL (no matplotlib dependency)."""
+"""PNG charts drawn with PIL (no matplotlib dependency): one chart per claim (mean over seeds with +-1 sd
+error bars against steps) and the sample grid."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (255, 187, 120),
-           (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (0, 0, 128), (128, 128, 0),
-           (0, 128, 128), (219, 219, 141)]
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0)]
+STEPS = [1, 2, 4, 8]
+BLACK = (0, 0, 0)
 
 
-def _series(rows):
-    out = {}
-    for r in rows:
-        if r["steps"] == 25:
-            continue
-        out.setdefault(f"{r['model']} eta={r['eta']}", []).append(r)
-    return out
-
-
-def _panel(draw, box, series, key, title, ymax=None, log=False):
-    import math
-
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((x0 + 4, y0 - 14), title, fill=(0, 0, 0))
-    if log:  # plot log10(1 + v); axis labels show v
-        tf = lambda v: math.log10(1 + max(v, 0))  # noqa: E731
-        series = {k: [dict(r, **{key: tf(r[key])}) for r in rs] for k, rs in series.items()}
-    vals = [r[key] for rs in series.values() for r in rs]
-    top = ymax if ymax is not None else max(vals) * 1.1 or 1.0
-    steps = [1, 2, 4, 8]
-    px = lambda s: x0 + 30 + steps.index(s) * (x1 - x0 - 60) / 3  # noqa: E731
-    py = lambda v: y1 - 10 - (v / top) * (y1 - y0 - 20)  # noqa: E731
-    for s in steps:
-        draw.text((px(s) - 3, y1 + 2), str(s), fill=(0, 0, 0))
-    for frac in (0, 0.5, 1):
-        label = f"{10 ** (top * frac) - 1:.0f}" if log else f"{top * frac:.2f}"
-        draw.text((x0 - 40, py(top * frac) - 5), label, fill=(0, 0, 0))
-    for i, rs in enumerate(series.values()):
-        pts = [(px(r["steps"]), py(r[key])) for r in rs if r["steps"] in steps]
-        col = PALETTE[i % len(PALETTE)]
-        if len(pts) > 1:
-            draw.line(pts, fill=col, width=2)
-        for p in pts:
-            draw.ellipse((p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3), fill=col)
-
-
-def quality_chart(rows, path: Path):
-    series = _series(rows)
-    w, h = 900, 360 + 14 * len(series)
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    _panel(d, (50, 30, 430, 300), series, "align", "text alignment (attribute accuracy) vs steps", ymax=1.0)
-    _panel(d, (500, 30, 880, 300), series, "fd", "Frechet distance (classifier features, log scale) vs steps", log=True)
-    teacher25 = [r for r in rows if r["steps"] == 25]
-    y = 320
-    if teacher25:
-        d.text((50, y), f"teacher 25 steps: align {teacher25[0]['align']:.3f}, FD {teacher25[0]['fd']:.2f}", fill=(0, 0, 0))
-        y += 14
-    for i, name in enumerate(series):
-        d.rectangle((50, y + 3, 60, y + 11), fill=PALETTE[i % len(PALETTE)])
-        d.text((66, y), name, fill=(0, 0, 0))
-        y += 14
+def save_png(img: Image.Image, path: Path):
     tmp = path.with_suffix(".tmp.png")
     img.save(tmp)
     tmp.replace(path)
+
+
+def _axes(draw, box, title, top, log):
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline=BLACK)
+    draw.text((x0 + 4, y0 - 14), title, fill=BLACK)
+    px = lambda s: x0 + 30 + STEPS.index(s) * (x1 - x0 - 60) / 3  # noqa: E731
+    py = lambda v: y1 - 10 - (v / top) * (y1 - y0 - 20)  # noqa: E731
+    for s in STEPS:
+        draw.text((px(s) - 3, y1 + 2), str(s), fill=BLACK)
+    draw.text(((x0 + x1) / 2 - 15, y1 + 14), "steps", fill=BLACK)
+    for frac in (0, 0.5, 1):
+        label = f"{10 ** (top * frac) - 1:.0f}" if log else f"{top * frac:.2f}"
+        draw.text((x0 - 44, py(top * frac) - 5), label, fill=BLACK)
+    return px, py
+
+
+def panel(draw, box, title, series: dict, ymax=None, log=False):
+    """series: name -> {steps: (mean, sd)}; lines through the means, +-1 sd bars (log: log10(1 + v) axis)."""
+    tf = (lambda v: math.log10(1 + max(v, 0))) if log else (lambda v: v)
+    pts = {n: {s: (tf(m), tf(m + sd) - tf(m), tf(m) - tf(max(m - sd, 0))) for s, (m, sd) in d.items()}
+           for n, d in series.items()}
+    highs = [m + up for d in pts.values() for m, up, _ in d.values()] or [1.0]
+    top = ymax if ymax is not None else max(highs) * 1.1 or 1.0
+    px, py = _axes(draw, box, title, top, log)
+    for i, d in enumerate(pts.values()):
+        col = PALETTE[i % len(PALETTE)]
+        xy = [(px(s) + 2 * i, py(m)) for s, (m, _, _) in sorted(d.items()) if s in STEPS]
+        if len(xy) > 1:
+            draw.line(xy, fill=col, width=2)
+        for (x, y), (m, up, down) in zip(xy, [v for s, v in sorted(d.items()) if s in STEPS]):
+            draw.line((x, py(m + up), x, py(m - down)), fill=col, width=1)
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=col)
+
+
+def claim_chart(path: Path, title: str, panels: list[dict], note: str = ""):
+    """panels: [{title, series, ymax?, log?}] side by side; a legend of the first panel's series below."""
+    names = list(panels[0]["series"])
+    w, h = 60 + 450 * len(panels), 380 + 14 * len(names) + (14 if note else 0)
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 6), title, fill=BLACK)
+    for i, p in enumerate(panels):
+        panel(d, (60 + 450 * i, 44, 440 + 450 * i, 320), p["title"], p["series"], p.get("ymax"), p.get("log", False))
+    y = 348
+    for i, name in enumerate(names):
+        d.rectangle((60, y + 3, 70, y + 11), fill=PALETTE[i % len(PALETTE)])
+        d.text((76, y), name, fill=BLACK)
+        y += 14
+    if note:
+        d.text((60, y), note, fill=BLACK)
+    save_png(img, path)
 
 
 def sample_grid(samples: dict, path: Path, scale: int = 3):
@@ -76,15 +78,13 @@ def sample_grid(samples: dict, path: Path, scale: int = 3):
     if not keys:
         return
     n, c, hh, ww = samples[keys[0]].shape
-    label_w = 260
+    label_w = 330
     img = Image.new("RGB", (label_w + n * ww * scale, len(keys) * hh * scale), "white")
     d = ImageDraw.Draw(img)
     for i, k in enumerate(keys):
-        d.text((4, i * hh * scale + 4), f"{k[0]} s={k[1]} eta={k[2]}", fill=(0, 0, 0))
+        d.text((4, i * hh * scale + 4), f"{k[0]}, {k[1]} steps, eta {k[2]}", fill=BLACK)
         arr = ((samples[k].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for j, a in enumerate(arr):
             tile = Image.fromarray(a).resize((ww * scale, hh * scale), Image.NEAREST)
             img.paste(tile, (label_w + j * ww * scale, i * hh * scale))
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    save_png(img, path)

@@ -1,6 +1,6 @@
 """Evaluation of the quality benchmark's rows: sampling through the product's schedulers, the metrics
-(attribute accuracy, Frechet distance of classifier features, distance to the teacher's 25-step output)
-and loading a row's LoRA file (what the training engine wrote) onto the teacher."""
+(attribute accuracy, Frechet distance of classifier features, distance to the teacher's 25-step output,
+diversity) and loading a row's LoRA file (what the training engine wrote) onto the teacher."""
 from __future__ import annotations
 
 import torch
@@ -47,6 +47,18 @@ def generate(model, noise, cond, uncond, steps, eta, seed):
     return out.clamp(-1, 1)
 
 
+def diversity(images, labels) -> float:
+    """Mean pairwise RMS pixel distance between samples of the same prompt drawn from different noise,
+    averaged over the prompts that occur at least twice (0 = every noise gives the same picture)."""
+    per_prompt = []
+    for lab in labels.unique(dim=0):
+        group = images[(labels == lab).all(1)].flatten(1)
+        if len(group) > 1:
+            d = torch.cdist(group.double(), group.double()) / group.shape[1] ** 0.5
+            per_prompt.append(float(d.sum() / (len(group) * (len(group) - 1))))
+    return sum(per_prompt) / len(per_prompt)
+
+
 @torch.no_grad()
 def score(clf, images, labels, real_feats, reference):
     feats, logits = clf(images)
@@ -55,5 +67,6 @@ def score(clf, images, labels, real_feats, reference):
     row["align"] = sum(acc) / len(acc)
     row["fd"] = frechet_distance(feats, real_feats)
     row["dist25"] = None if reference is None else float((images - reference).pow(2).mean().sqrt())
+    row["diversity"] = diversity(images, labels)
     return row
 

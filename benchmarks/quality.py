@@ -10,12 +10,15 @@ Metrics per row, on the same prompts and initial noise:
 * ``fd``: Frechet distance between classifier features of generated and real images (FID analogue);
 * ``dist25``: RMS pixel distance to the teacher's 25-step output from the same noise.
 
-Rows: the teacher at 25 and 1/2/4/8 DDIM steps, then students, each one run of the product's training
-engine (``training.engine.run_training``, stage code from training/stages/, see benchmarks/stages.py):
-single-segment CD (one ``tscd`` stage with 1 segment, LCM-style) and TSCD 8-4-2-1 with the same
-budget; on top of the TSCD LoRA (``model.init_lora``), with one equal extra budget each: more k=1 TSCD
-steps (control), the ``feedback`` stage (ReFL; reward = a second attribute classifier's log-probability
-of the caption) and the ``score_distill`` stage (DMD) at two settings.
+* ``diversity``: mean pairwise RMS distance between samples of one prompt from different noise.
+
+Rows (benchmarks/plans.py): the teacher at 25 steps and at 1/2/4/8, then the students, each trained by
+the product's training engine (``training.engine.run_training``, stage code from training/stages/, see
+benchmarks/stages.py) once per seed of one seed set: CD at TSCD's whole budget and at its last-stage
+budget, TSCD 8-4-2-1 (final LoRA, and its k = 8 / 4 / 2 LoRAs at their own step counts), and on top of
+TSCD with one equal extra budget each: a control (more TSCD), the adversarial term, feedback, DMD, and
+all three (the unified LoRA). Every model is sampled on the same grid (eta 0 / 0.3 / 1 at 1 / 2 / 4 / 8
+steps); benchmarks/claims.py tests the paper's claims seed for seed.
 
 Heavy parts (teacher, classifiers, the engine's run folders with their LoRA files) are cached under
 ``--cache`` (default ``~/.cache/hypersd-bench``) keyed by the config each depends on, so a rerun only
@@ -33,22 +36,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from benchmarks import evaluate, shapes, stages
+from benchmarks import claims, evaluate, plans, shapes, stages
 from benchmarks.models import ARCH, Classifier, Task, heldout_accuracy, make_unet, train_classifier, train_teacher
-from benchmarks.report import RESULTS, log, machine_info, write_results
+from benchmarks.quality_report import write_quality_results
+from benchmarks.report import RESULTS, log, machine_info
+from training.diffusion import recommended_eta
 
-# Later stages (feedback, score distillation) and the control row all get the same extra budget on top
-# of the TSCD student: stage_steps optimiser steps x distill_batch, on a fresh rank-stage_rank LoRA.
-STAGES = dict(stage_rank=8, feedback_lr=5e-4, feedback_late_fraction=1.0, dmd_lr=5e-4, dmd_gen_every=2,
-              dmd_reg_weight=0.25, dmd_ref_steps=4)
-# warmup_steps: the engine's lr warmup (optim.warmup_steps; 10 is the product's default); 0 in --quick so
-# its 1-step stages train at all.
-FULL = dict(teacher_steps=400, teacher_batch=32, teacher_lr=2e-3, clf_steps=1500, clf_lr=3e-3, distill_steps=160,
-            distill_batch=16, distill_lr=1e-3, warmup_steps=10, student_rank=16, guidance=3.0, n_eval=128,
-            n_train=20000, n_heldout=2000, etas=(0.0, 0.5, 1.0), stage_steps=40, **STAGES)
-QUICK = dict(teacher_steps=6, teacher_batch=4, teacher_lr=1e-3, clf_steps=10, clf_lr=3e-3, distill_steps=4,
-             distill_batch=2, distill_lr=1e-3, warmup_steps=0, student_rank=16, guidance=3.0, n_eval=8,
-             n_train=64, n_heldout=32, etas=(1.0,), stage_steps=2, steps=(1, 4), **STAGES)
+# distill_steps N: CD's budget and TSCD's (N / 4 per k); stage_steps E: each later stage's extra budget (the
+# unified row gets 3 E). warmup_steps: the engine's lr warmup (10 is the product's default); 0 in --quick so its
+# 1-step stages train at all. feedback_alpha / dmd_gen_every / stage_lr: the later stages' settings
+# (benchmarks/plans.py; the rest are the product's defaults). n_eval prompts x noises, the same for every row;
+# the eval prompts repeat (32 captions), which is what the diversity metric reads.
+FULL = dict(teacher_steps=400, teacher_batch=32, teacher_lr=2e-3, clf_steps=1500, clf_lr=3e-3, distill_steps=96,
+            distill_batch=16, distill_lr=1e-3, warmup_steps=10, student_rank=16, stage_rank=8, stage_steps=24,
+            stage_lr=5e-4, feedback_alpha=-0.05, dmd_gen_every=2, guidance=3.0, n_eval=64, n_train=20000,
+            n_heldout=2000, etas=(0.0, 0.3, 1.0), seeds=(0, 1, 2))
+# --quick: the same rows and claims at toy budgets (a smoke test of the whole benchmark, not a measurement)
+QUICK = dict(FULL, teacher_steps=6, teacher_batch=4, teacher_lr=1e-3, clf_steps=10, distill_steps=4,
+             distill_batch=2, warmup_steps=0, stage_steps=2, n_eval=16, n_train=64, n_heldout=32, seeds=(0, 1),
+             steps=(1, 2))
 # Which config keys the teacher and classifiers depend on (the engine runs are keyed by their whole config).
 TEACHER_KEYS = ("teacher_steps", "teacher_batch", "teacher_lr", "n_train")
 CLF_KEYS = ("clf_steps", "clf_lr", "n_train")
@@ -58,6 +64,7 @@ STEPS = (1, 2, 4, 8)
 # --- cache ----------------------------------------------------------------------------------------
 
 TRAIN_SECONDS: dict[str, float] = {}
+STAGE_LOGS: dict[str, list] = {}  # run -> each stage's last logged values (adv_d, reward, dmd_loss ...)
 
 
 def cached_model(path: Path, build, make):
@@ -89,90 +96,85 @@ def cfg_hash(cfg, keys=None) -> str:
 
 # --- the students: one engine run each --------------------------------------------------------------
 
-def row_plans(cfg, reward_weights: Path) -> dict:
-    """Row name -> engine run: id, seed, stage plan, LoRA rank, lr; "on": the run whose TSCD LoRA it
-    starts from (model.init_lora). Same budget for CD and TSCD; same extra budget for the later rows."""
-    n, e, g = cfg["distill_steps"], cfg["stage_steps"], cfg["guidance"]
-    tscd = [{"type": "tscd", "segments": k, "steps": n // 4} for k in (8, 4, 2)]
-    tscd.append({"type": "tscd", "segments": 1, "steps": n - 3 * (n // 4)})
-    feedback = {"type": "feedback", "segments": 1, "steps": e, "params": {
-        "lr": cfg["feedback_lr"], "reward": stages.REWARD, "reward_weights": str(reward_weights), "alpha": 0.0,
-        "steps": 4, "late_fraction": cfg["feedback_late_fraction"]}}
-
-    def dmd(lr, every):
-        return {"type": "score_distill", "segments": 1, "steps": e, "params": {
-            "lr": lr, "fake_lr": lr, "guidance": g, "gen_every": every, "reg_weight": cfg["dmd_reg_weight"],
-            "reg_steps": cfg["dmd_ref_steps"]}}
-
-    student = dict(rank=cfg["student_rank"], lr=cfg["distill_lr"])
-    later = dict(rank=cfg["stage_rank"], lr=cfg["distill_lr"], on="tscd")
-    return {
-        "CD k=1 (LCM-style)": dict(id="cd", seed=10, stages=[{"type": "tscd", "segments": 1, "steps": n}], **student),
-        "TSCD 8-4-2-1": dict(id="tscd", seed=11, stages=tscd, **student),
-        f"TSCD + {e} more k=1 steps (control)": dict(
-            id="control", seed=20, stages=[{"type": "tscd", "segments": 1, "steps": e}], **later),
-        "TSCD + feedback (ReFL)": dict(id="feedback", seed=21, stages=[feedback], **later),
-        "TSCD + score distillation (DMD)": dict(
-            id="dmd", seed=22, stages=[dmd(cfg["dmd_lr"], cfg["dmd_gen_every"])], **later),
-        # a second DMD point (the old stage module's defaults), not a tuned one
-        "TSCD + DMD (lr 1e-4, generator every 5th step)": dict(id="dmd_slow", seed=22, stages=[dmd(1e-4, 5)],
-                                                               **later),
-    }
-
-
 def train_students(cfg, cache: Path, task, teacher, reward_weights: Path) -> dict:
-    """Every student row through the training engine (cached run folders); -> row name -> unified LoRA file."""
+    """Every row (benchmarks/plans.py) for every seed through the training engine (cached run folders);
+    -> {(row id, seed): run folder}."""
     dataset = stages.ShapesDataset(task.labels, task.images)
-    folders, loras = {}, {}
-    for name, plan in row_plans(cfg, reward_weights).items():
-        init = str(folders[plan["on"]] / "stages" / "1_tscd.safetensors") if "on" in plan else ""
-        ecfg = stages.engine_config(plan["stages"], seed=plan["seed"], rank=plan["rank"], lr=plan["lr"],
-                                    batch=cfg["distill_batch"], warmup=cfg["warmup_steps"], guidance=cfg["guidance"],
-                                    init_lora=init)
-        folder, metrics = stages.train_run(ecfg, plan["id"], cache / "runs",
-                                           lambda: stages.pixel_base(teacher, make_unet, task.text), dataset, log)
-        folders[plan["id"]] = folder
-        loras[name] = folder / f"{ecfg.output.name}.safetensors"
-        TRAIN_SECONDS[plan["id"]] = round(metrics["train_seconds"], 1)
-    return loras
+    folders = {}
+    for seed in cfg["seeds"]:
+        for row, plan in plans.row_runs(cfg, str(reward_weights)).items():
+            init = str(folders[("tscd", seed)] / "stages" / "1_tscd.safetensors") if row in plans.ON_TSCD else ""
+            ecfg = stages.engine_config(plan["stages"], seed=seed, rank=plan["rank"], lr=plan["lr"],
+                                        batch=cfg["distill_batch"], warmup=cfg["warmup_steps"],
+                                        guidance=cfg["guidance"], init_lora=init, snapshots=plan["snapshots"])
+            folder, metrics = stages.train_run(ecfg, f"{row}-s{seed}", cache / "runs",
+                                               lambda: stages.pixel_base(teacher, make_unet, task.text), dataset, log)
+            folders[(row, seed)] = folder
+            TRAIN_SECONDS[f"{row}-s{seed}"] = round(metrics["train_seconds"], 1)
+            STAGE_LOGS[f"{row}-s{seed}"] = [{"type": st["type"], "segments": st["segments"], **st["logs_end"]}
+                                            for st in metrics["stages"]]
+    return folders
+
+
+def student_models(cfg, folders: dict) -> list:
+    """(label, row id, seed, LoRA file, step counts to evaluate at) for every trained model."""
+    out = []
+    for (row, seed), folder in folders.items():
+        out.append((plans.ROWS[row], row, seed, folder / "hyper_sd_lora.safetensors", cfg.get("steps", STEPS)))
+        if row == "tscd":
+            for k, name in ((k, n) for k, n in plans.SNAPSHOTS.items() if k in cfg.get("steps", STEPS)):
+                out.append((plans.snapshot_label(k), f"tscd_k{k}", seed,
+                            folder / "stages" / "snapshots" / f"{name}.safetensors", (k,)))
+    return out
 
 
 # --- evaluation -------------------------------------------------------------------------------------
 
-def evaluate_rows(cfg, task, clf, teacher, loras: dict):
-    """Every row on the same prompts and noise: the teacher (DDIM, CFG) then each student's LoRA (CFG 1)."""
-    labels = shapes.sample_labels(cfg["n_eval"], seed=99)
-    cond, uncond = task.text(labels), task.text.empty(len(labels))
-    noise = torch.randn(len(labels), 3, shapes.SIZE, shapes.SIZE, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        real_feats = clf(shapes.make_images(labels, seed=99))[0]
-    rows, samples = [], {}
+class Evaluation:
+    """The fixed evaluation set (prompts, initial noise, re-noise seed) and the teacher's 25-step reference;
+    `add` samples one (model, steps, eta) and scores it."""
 
-    def add(name, model, steps, eta, guidance, reference):
-        t0 = time.time()
-        imgs = evaluate.generate(evaluate.denoiser(model, guidance), noise, cond, uncond, steps, eta, seed=123)
-        row = {"model": name, "steps": steps, "eta": eta, "cfg": guidance,
-               **evaluate.score(clf, imgs, labels, real_feats, reference), "sample_s": time.time() - t0}
-        rows.append(row)
-        samples[(name, steps, eta)] = imgs[:8]
-        log(f"{name:22s} steps={steps} eta={eta} align={row['align']:.3f} fd={row['fd']:.2f} "
-            f"dist25={row['dist25'] if row['dist25'] is None else round(row['dist25'], 4)}")
+    def __init__(self, cfg, task, clf, teacher):
+        self.cfg, self.clf = cfg, clf
+        self.labels = shapes.balanced_labels(cfg["n_eval"])
+        self.cond, self.uncond = task.text(self.labels), task.text.empty(len(self.labels))
+        self.noise = torch.randn(len(self.labels), 3, shapes.SIZE, shapes.SIZE,
+                                 generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            self.real_feats = clf(shapes.make_images(self.labels, seed=99))[0]
+        self.rows, self.samples, self.reference = [], {}, None
+        self.reference = self.add("teacher DDIM + CFG", "teacher", None, teacher, 25, 0.0, cfg["guidance"])
+        self.rows[-1]["dist25"] = 0.0
+
+    def add(self, name, row_id, seed, model, steps, eta, guidance):
+        imgs = evaluate.generate(evaluate.denoiser(model, guidance), self.noise, self.cond, self.uncond, steps, eta,
+                                 seed=123)
+        row = {"model": name, "row": row_id, "seed": seed, "steps": steps, "eta": eta, "cfg": guidance,
+               **evaluate.score(self.clf, imgs, self.labels, self.real_feats, self.reference)}
+        self.rows.append(row)
+        shown_eta = 0.0 if row_id == "teacher" else recommended_eta(steps)
+        if seed in (None, self.cfg["seeds"][0]) and eta == shown_eta:  # the sample grid: first seed, one sampler
+            self.samples[(name, steps, eta)] = imgs[:8]
         return imgs
 
-    w, steps_list = cfg["guidance"], cfg.get("steps", STEPS)
-    ref = add("teacher (DDIM)", teacher, 25, 0.0, w, None)
-    rows[-1]["dist25"] = 0.0
-    for s in steps_list:
-        add("teacher (DDIM)", teacher, s, 0.0, w, ref)
-    for name, path in loras.items():
+
+def evaluate_rows(cfg, task, clf, teacher, folders: dict):
+    """The teacher (CFG) and every student (CFG 1) on the sampler grid: etas x step counts, same prompts and noise."""
+    ev = Evaluation(cfg, task, clf, teacher)
+    for eta in cfg["etas"]:
+        for s in cfg.get("steps", STEPS):
+            ev.add("teacher DDIM + CFG" if eta == 0 else "teacher TCD + CFG", "teacher", None, teacher, s, eta,
+                   cfg["guidance"])
+    for name, row_id, seed, path, steps in student_models(cfg, folders):
         model = evaluate.lora_student(teacher, make_unet, path)
-        cd = name.startswith("CD")
-        for eta in (1.0,) if cd else cfg["etas"]:  # CD: the LCM multistep sampler (= TCD with eta 1)
-            for s in steps_list:
-                add(f"{name} + {'LCM' if cd else 'TCD'}", model, s, eta, 1.0, ref)
+        for eta in cfg["etas"]:
+            for s in steps:
+                ev.add(name, row_id, seed, model, s, eta, 1.0)
+        log(f"evaluated {name} seed {seed}: align " + " ".join(
+            f"{r['steps']}/{r['eta']}:{r['align']:.2f}" for r in ev.rows[-len(steps) * len(cfg['etas']):]))
     with torch.no_grad():
-        real_check = evaluate.score(clf, shapes.make_images(labels, seed=99), labels, real_feats, None)
-    return rows, samples, real_check
+        real_check = evaluate.score(clf, shapes.make_images(ev.labels, seed=99), ev.labels, ev.real_feats, None)
+    return ev.rows, ev.samples, real_check
 
 
 def train_classifiers(cfg, task, cache: Path):
@@ -196,6 +198,21 @@ def train_classifiers(cfg, task, cache: Path):
     return clf, reward_path, clf_acc
 
 
+def summarise(rows) -> list:
+    """Mean and sd over the seeds of every (model, steps, eta)."""
+    metrics = ("align", "acc_color", "acc_shape", "acc_position", "fd", "dist25", "diversity")
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["row"], r["steps"], r["eta"]), []).append(r)
+    out = []
+    for (model, row, steps, eta), rs in cells.items():
+        cell = {"model": model, "row": row, "steps": steps, "eta": eta, "n_seeds": len(rs)}
+        for m in metrics:
+            cell[m], cell[m + "_sd"] = claims.mean_sd(r[m] for r in rs)
+        out.append(cell)
+    return out
+
+
 def run(cfg, cache: Path, out_dir: Path, quick: bool):
     t_start = time.time()
     task = Task(cfg)
@@ -206,22 +223,25 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
     cache = cache / f"{tag}-{cfg_hash(cfg, TEACHER_KEYS)}-{ARCH}"
     clf, reward_path, clf_acc = train_classifiers(cfg, task, cache)
     teacher = cached_model(cache / "teacher.safetensors", lambda: train_teacher(task, cfg), make_unet)
-    loras = train_students(cfg, cache, task, teacher, reward_path)
+    folders = train_students(cfg, cache, task, teacher, reward_path)
     t_train = time.time() - t_start
-    rows, samples, real_check = evaluate_rows(cfg, task, clf, teacher, loras)
+    rows, samples, real_check = evaluate_rows(cfg, task, clf, teacher, folders)
+    names = {**plans.ROWS, "snapshot": {k: plans.snapshot_label(k) for k in plans.SNAPSHOTS}}
     result = {
         "benchmark": "quality", "mode": tag, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "machine": machine_info(), "train_or_load_s": round(t_train, 1), "total_s": round(time.time() - t_start, 1),
         "classifier_on_real_eval_images": real_check, "classifier_heldout_accuracy": clf_acc,
         "train_seconds": dict(TRAIN_SECONDS), "load_average_start": load_start, "load_average_end": os.getloadavg(),
-        "rows": rows, "loras": {k: str(v) for k, v in loras.items()},
+        "seeds": list(cfg["seeds"]), "rows": rows, "summary": summarise(rows), "claims": claims.all_claims(rows, names, cfg.get("steps", STEPS)),
+        "stage_logs_end": dict(STAGE_LOGS), "runs": {f"{r}-s{s}": str(f) for (r, s), f in folders.items()},
         "notes": "pixel-space 16x16 shapes; every student is a run of the product's training engine "
-                 "(training.engine.run_training, benchmarks/stages.py) evaluated from the unified LoRA file it wrote; "
-                 f"students sampled at cfg 1 (guidance distilled), teacher at cfg {cfg['guidance']}; eta=1 TCD is "
-                 "the LCM multistep sampler; dist25 = RMS to the teacher's 25-step DDIM output from the same noise "
-                 "(stochastic rows also draw their own re-noise).",
+                 "(training.engine.run_training, benchmarks/stages.py) evaluated from the LoRA file it wrote, once per "
+                 "training seed (the same seeds for every row); the teacher is one model. Students sampled at cfg 1 "
+                 f"(guidance distilled), the teacher at cfg {cfg['guidance']}; eta 0 = DDIM, eta 1 = the LCM multistep "
+                 "sampler; dist25 = RMS to the teacher's 25-step DDIM output from the same noise (stochastic rows also "
+                 "draw their own re-noise); diversity = mean pairwise RMS distance between samples of one prompt.",
     }
-    write_results(result, samples, out_dir, tag)
+    write_quality_results(result, samples, out_dir, tag)
     return result
 
 

@@ -39,6 +39,13 @@ def sample_labels(n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(cols, 1)).long()
 
 
+def balanced_labels(n: int) -> torch.Tensor:
+    """(n, 3) labels cycling through the (colour, shape, position) combinations, each caption equally often and
+    at least twice (n = 96: each of the 32 captions 3 times; with different noise, which diversity reads)."""
+    combos = torch.cartesian_prod(*(torch.arange(len(v)) for v in ATTRIBUTES.values()))
+    return combos[torch.arange(n) % min(len(combos), max(1, n // 2))]
+
+
 def make_images(labels: torch.Tensor, seed: int) -> torch.Tensor:
     """Images in [-1, 1], (n, 3, SIZE, SIZE), for the given labels; +-1 px jitter from `seed`."""
     rng = np.random.default_rng(seed + 10_000)

@@ -95,9 +95,10 @@ def pixel_base(teacher, make_unet, text: shapes.TextEncoder):
 
 
 def engine_config(stages: list[dict], *, seed: int, rank: int, lr: float, batch: int, warmup: int,
-                  guidance: float, init_lora: str = ""):
+                  guidance: float, init_lora: str = "", snapshots: bool = False):
     """The run's TrainConfig: the product's defaults but for the benchmark's budget, LoRA rank, teacher CFG
-    (tscd.w_min = w_max) and pixel-space data; checkpoints only at the end."""
+    (tscd.w_min = w_max) and pixel-space data; checkpoints only at the end; `snapshots`: keep each stage's
+    LoRA as it ends (output.stage_snapshots)."""
     from training.config import load_config
 
     prompts = [shapes.caption((0, 1, 0)), shapes.caption((2, 0, 3))]
@@ -106,7 +107,7 @@ def engine_config(stages: list[dict], *, seed: int, rank: int, lr: float, batch:
             "lora.rank": rank, "lora.alpha": rank, "tscd.w_min": guidance, "tscd.w_max": guidance,
             "optim.lr": lr, "optim.weight_decay": 0.0, "optim.batch_size": batch,
             "optim.warmup_steps": warmup,
-            "output.checkpoint_every": 10 ** 9, "output.keep_checkpoints": 1,
+            "output.checkpoint_every": 10 ** 9, "output.keep_checkpoints": 1, "output.stage_snapshots": snapshots,
             "output.sample_steps": json.dumps([1, 4]), "output.sample_prompts": json.dumps(prompts),
             "stages": json.dumps(stages)}
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])

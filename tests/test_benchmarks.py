@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import evaluate, models, peer_tcd, quality, shapes, stages
+from benchmarks import evaluate, models, peer_tcd, plans, quality, shapes, stages
 from schedulers import sample_tcd, scaled_linear_alphas_cumprod, tcd_sigmas
 
 
@@ -52,33 +52,67 @@ def test_frechet_distance_zero_for_same_and_positive_for_shifted():
 def test_quality_quick_end_to_end(tmp_path):
     quality.main(["--quick", "--threads", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "quality_quick.json").read_text())
-    rows = result["rows"]
-    models_seen = {r["model"] for r in rows}
-    assert {"teacher (DDIM)", "CD k=1 (LCM-style) + LCM", "TSCD 8-4-2-1 + TCD", "TSCD + feedback (ReFL) + TCD",
-            "TSCD + score distillation (DMD) + TCD", "TSCD + 2 more k=1 steps (control) + TCD",
-            "TSCD + DMD (lr 1e-4, generator every 5th step) + TCD"} <= models_seen
-    for name in ("eval_classifier", "reward_classifier"):
-        assert 0.0 <= result["classifier_heldout_accuracy"][name]["mean"] <= 1.0
-    assert {r["steps"] for r in rows} == {1, 4, 25}  # --quick evaluates 1 and 4 steps (full: 1, 2, 4, 8)
+    rows, seeds = result["rows"], result["seeds"]
+    assert seeds == [0, 1]
+    # every student row was trained and evaluated once per seed, on the whole sampler grid
+    for label in plans.ROWS.values():
+        for eta in (0.0, 0.3, 1.0):
+            for steps in (1, 2):
+                assert sorted(r["seed"] for r in rows if (r["model"], r["eta"], r["steps"]) == (label, eta, steps)) == seeds
+    k2 = [r for r in rows if r["model"] == plans.snapshot_label(2)]  # TSCD's k = 2 LoRA at its own 2 steps
+    assert {r["steps"] for r in k2} == {2} and len(k2) == 3 * len(seeds)
+    teacher = [r for r in rows if r["row"] == "teacher"]
+    assert {(r["steps"], r["eta"]) for r in teacher} >= {(25, 0.0), (1, 0.0), (2, 1.0)} and {r["seed"] for r in teacher} == {None}
     for r in rows:
-        assert 0.0 <= r["align"] <= 1.0 and r["fd"] >= 0.0
-    t4 = next(r for r in rows if r["model"] == "teacher (DDIM)" and r["steps"] == 4)
-    t1 = next(r for r in rows if r["model"] == "teacher (DDIM)" and r["steps"] == 1)
-    assert t4["dist25"] < t1["dist25"]  # more DDIM steps get closer to the 25-step solution
-    for name in ("quality_quick.md", "quality_quick.png", "quality_quick_samples.png"):
+        assert 0.0 <= r["align"] <= 1.0 and r["fd"] >= 0.0 and r["diversity"] > 0.0 and r["dist25"] >= 0.0
+    t1, t2 = (next(r for r in teacher if (r["steps"], r["eta"]) == (s, 0.0)) for s in (1, 2))
+    assert t2["dist25"] < t1["dist25"]  # more DDIM steps get closer to the 25-step solution
+    cell = next(c for c in result["summary"] if c["model"] == plans.ROWS["tscd"] and (c["steps"], c["eta"]) == (1, 1.0))
+    assert cell["n_seeds"] == 2 and cell["align_sd"] >= 0.0
+    verdicts = {"supported", "contradicted", "inconclusive", "mixed", "partly supported"}
+    assert set(result["claims"]) == set("abcde") and all(c["verdict"] in verdicts for c in result["claims"].values())
+    assert result["claims"]["a"]["by_steps"]["2"]["dist25"]["seeds"] == seeds  # paired seed for seed (JSON keys)
+    for name in ["quality_quick.md", "quality_quick_samples.png"] + [f"quality_quick_claim_{c}.png" for c in "abcde"]:
         assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "## Claims" in (tmp_path / "out" / "quality_quick.md").read_text()
     assert list((tmp_path / "cache").glob("quick-*/teacher.safetensors"))
-    # every student is an engine run (its config.json, stage LoRA files) with the benchmark's stage plan
-    plans = {}
-    for name, lora in result["loras"].items():
-        run_cfg = json.loads((tmp_path / lora).parent.joinpath("config.json").read_text())
-        plans[name] = [(s["type"], s["segments"], s["steps"]) for s in run_cfg["stages"]], run_cfg["model"]["init_lora"]
-    assert plans["CD k=1 (LCM-style)"] == ([("tscd", 1, 4)], "")
-    assert plans["TSCD 8-4-2-1"] == ([("tscd", 8, 1), ("tscd", 4, 1), ("tscd", 2, 1), ("tscd", 1, 1)], "")
-    tscd_lora = str(tmp_path / result["loras"]["TSCD 8-4-2-1"]).replace("hyper_sd_lora", "stages/1_tscd")
-    assert plans["TSCD + feedback (ReFL)"] == ([("feedback", 1, 2)], tscd_lora)
-    assert plans["TSCD + score distillation (DMD)"] == ([("score_distill", 1, 2)], tscd_lora)
-    assert plans["TSCD + 2 more k=1 steps (control)"] == ([("tscd", 1, 2)], tscd_lora)
+    # every student is an engine run (its config.json) with the benchmark's stage plan and the row's seed
+    for key, folder in result["runs"].items():
+        row, seed = key.rsplit("-s", 1)
+        run_cfg = json.loads((tmp_path / folder / "config.json").read_text())
+        plan = [(s["type"], s["segments"], s["steps"]) for s in run_cfg["stages"]]
+        init = run_cfg["model"]["init_lora"]
+        assert run_cfg["seed"] == int(seed)
+        expected = {"cd_full": [("tscd", 1, 4)], "cd_last": [("tscd", 1, 1)],
+                    "tscd": [("tscd", 8, 1), ("tscd", 4, 1), ("tscd", 2, 1), ("tscd", 1, 1)],
+                    "control": [("tscd", 2, 1), ("tscd", 1, 1)], "adversarial": [("adversarial", 2, 1), ("adversarial", 1, 1)],
+                    "feedback": [("feedback", 1, 2)], "dmd": [("score_distill", 1, 2)],
+                    "unified": [("adversarial", 2, 1), ("adversarial", 1, 1), ("feedback", 1, 2), ("score_distill", 1, 2)]}
+        assert plan == expected[row]
+        own_tscd = str(tmp_path / result["runs"][f"tscd-s{seed}"] / "stages" / "1_tscd.safetensors")
+        assert init == (own_tscd if row in plans.ON_TSCD else "")
+    assert (tmp_path / result["runs"]["tscd-s0"] / "stages" / "snapshots" / "3_tscd_k2.safetensors").exists()
+
+
+def test_claims_are_paired_over_seeds():
+    """A difference that every seed shows beats the seeds' spread ("supported"); one the seeds disagree on does
+    not, even with the same mean; lower-is-better metrics flip the direction."""
+    from benchmarks import claims
+
+    assert claims.paired({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.7, 2: 0.76})["verdict"] == "supported"
+    mixed = claims.paired({0: 1.0, 1: 0.6, 2: 0.85}, {0: 0.8, 1: 0.7, 2: 0.76})
+    assert mixed["verdict"] == "inconclusive" and abs(mixed["mean_diff"] - 0.0633) < 1e-3
+    fd = claims.paired({0: 10.0, 1: 12.0, 2: 11.0}, {0: 20.0, 1: 21.0, 2: 23.0}, lower_is_better=True)
+    assert fd["verdict"] == "supported" and fd["mean_diff"] < 0
+    assert claims.paired({0: 20.0, 1: 21.0, 2: 23.0}, {0: 10.0, 1: 12.0, 2: 11.0}, True)["verdict"] == "contradicted"
+
+
+def test_diversity_is_zero_for_identical_samples_and_grows_with_spread():
+    labels = torch.tensor([[0, 0, 0]] * 3 + [[1, 1, 1]] * 3)
+    same = torch.ones(6, 3, 4, 4)
+    assert evaluate.diversity(same, labels) == 0.0
+    spread = same + torch.arange(6).view(6, 1, 1, 1)  # within each prompt: 0, 1, 2 apart (3 - 5 likewise)
+    assert abs(evaluate.diversity(spread, labels) - 4 / 3) < 1e-9  # mean pairwise |i - j| over {0, 1, 2}
 
 
 def test_engine_run_on_the_pixel_model_is_what_evaluation_loads(tmp_path):
