@@ -204,6 +204,35 @@ def test_adversarial_discriminator_learns_below_chance(harness):
     assert d[0] > 1.9 and sum(d[-5:]) / 5 < 1.6, d
 
 
+def test_adversarial_real_side_is_the_target_or_the_data(harness, monkeypatch):
+    """`real: target` (PCM): D's real input is the consistency target diffused from the boundary like the
+    fake; `real: data`: the clean latents diffused straight to the same t. The fake side is the same."""
+    from training.config import StageConfig
+    from training.diffusion import ddim_point
+    from training.stages import adversarial, get_stage
+    from training.stages.base import stage_randn
+
+    ctx, stages, params, batch = harness
+    ctx.adapters.use(["default"], ["default"])
+    ctx.state, ctx.stage_start, ctx.stage_index, ctx.student, ctx.step = {}, 0, 0, ctx.unet, 0
+    seen = {}
+    monkeypatch.setattr(adversarial, "discriminator_step",
+                        lambda ctx, disc, opt, real, fake, t_d, cond, kind: seen.update(real=real, fake=fake, t=t_d)
+                        or torch.tensor(2.0))
+    module = get_stage("adversarial")
+    for real in ("target", "data"):
+        module.loss(ctx, batch, StageConfig(type="adversarial", segments=1, steps=1, params={"real": real}))
+        seen[real] = dict(seen)
+    assert torch.equal(seen["target"]["fake"], seen["data"]["fake"]) and torch.equal(seen["target"]["t"], seen["data"]["t"])
+    noise = stage_randn(ctx, batch["latents"], 5)
+    expected = ddim_point(batch["latents"], noise, ctx.abar[seen["data"]["t"]].float().view(-1, 1, 1, 1))
+    torch.testing.assert_close(seen["data"]["real"], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(seen["target"]["real"], expected)
+    with pytest.raises(ValueError, match="real"):
+        module.check_params({**module.params, "real": "teacher"}, StageConfig(type="adversarial", segments=1),
+                            "stages[0].params")
+
+
 def test_feedback_regulariser_holds_the_student_near_the_previous_stage(harness):
     """reg_weight ties the feedback LoRA's x0 to the earlier stages' x0 at the same x_t: after the same
     steps on the same reward, the drift from the previous stage is smaller with it than without."""

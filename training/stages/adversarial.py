@@ -20,6 +20,7 @@ from training.stages.tscd import distance, student_boundary, tscd_targets
 
 DEFAULT_ADV_WEIGHTS = {8: 0.0, 4: 0.05, 2: 0.1, 1: 0.2}
 LOSSES = ("hinge", "non_saturating")
+REAL_SOURCES = ("target", "data")  # the discriminator's real side: PCM's consistency target, or the data
 
 
 class _StopForward(Exception):
@@ -147,13 +148,15 @@ def discriminator_step(ctx, disc, opt, real, fake, t_d, cond, kind):
 class Adversarial(Stage):
     name = "adversarial"
     params = {"enabled": True, "adv_weights": {str(k): v for k, v in DEFAULT_ADV_WEIGHTS.items()},
-              "loss": "hinge", "disc_lr": 1e-4, "t_span": 1.0}
+              "loss": "hinge", "disc_lr": 1e-4, "t_span": 1.0, "real": "target"}
 
     def check_params(self, p, stage, key):
         if not 0 < float(p["t_span"]) <= 1:
             raise ValueError(f"config key '{key}.t_span': must be in (0, 1], got {p['t_span']}")
         if p["loss"] not in LOSSES:
             raise ValueError(f"config key '{key}.loss': {p['loss']!r} is not one of {list(LOSSES)}")
+        if p["real"] not in REAL_SOURCES:
+            raise ValueError(f"config key '{key}.real': {p['real']!r} is not one of {list(REAL_SOURCES)}")
         try:
             adv_weight_for_segments(stage.segments, {"enabled": p["enabled"], "weights": p["adv_weights"]})
         except (ValueError, TypeError, AttributeError) as e:
@@ -174,7 +177,9 @@ class Adversarial(Stage):
         if w == 0:
             return tl, {"tscd_loss": float(tl.detach())}
         cond, disc = batch["cond"], ctx.persistent["disc"]
-        t_d, fake, real = diffused_pair(ctx, batch, pred, target.to(pred.dtype), b, stage.segments, float(p["t_span"]))
+        real_x = target.to(pred.dtype) if p["real"] == "target" else batch["latents"].to(pred.dtype)
+        t_d, fake, real = diffused_pair(ctx, batch, pred, real_x, b, stage.segments, float(p["t_span"]),
+                                        real_is_data=p["real"] == "data")
         d_loss = discriminator_step(ctx, disc, ctx.persistent["disc_opt"], real, fake, t_d, cond, p["loss"])
         with ctx.teacher():
             g_loss = generator_adv_loss(disc(fake, t_d, cond), p["loss"])
@@ -182,16 +187,18 @@ class Adversarial(Stage):
                                  "adv_d": float(d_loss.detach()), "adv_weight": w}
 
 
-def diffused_pair(ctx, batch, pred, target, b, segments, t_span=1.0):
-    """PCM's adversarial consistency pair: the student's boundary prediction (fake) and the consistency
-    target (real), both diffused forward from the boundary to a random t in [t_b, t_b + t_span * T / k)
-    with fresh noise, so D judges what the stage trains (not clean data against a one-step guess)."""
+def diffused_pair(ctx, batch, pred, real_x, b, segments, t_span=1.0, real_is_data=False):
+    """The (t, fake, real) the discriminator sees: the student's boundary prediction (fake), diffused forward
+    from the boundary to a random t in [t_b, t_b + t_span * T / k) with fresh noise, and the real side at the
+    same t. PCM's pair (`real: target`): the consistency target at the same boundary, diffused the same way,
+    so D judges what the stage trains. `real: data`: the clean latents diffused straight to t (a sample of
+    the true marginal there, as ADD / SDXL-Lightning's real side)."""
     grid, T = ctx.grid, ctx.grid.num_train_timesteps
     t_b = torch.where(b > 0, grid.timestep(b), torch.zeros_like(b))
     t_d = (t_b + batch["u"][:, U["adv_t"]] * (t_span * T / segments)).long().clamp(max=T - 1)
     ratio = ctx.abar[t_d] / grid.abar[b]  # abar(t_d) / abar(t_b): forward diffusion from the boundary
     fake = ddim_point(pred, stage_randn(ctx, pred, 3), ratio)
-    real = ddim_point(target, stage_randn(ctx, pred, 5), ratio)
+    real = ddim_point(real_x, stage_randn(ctx, pred, 5), ctx.abar[t_d] if real_is_data else ratio)
     return t_d, fake, real
 
 
