@@ -76,6 +76,20 @@ def test_cli(tmp_path):
     assert all(m.rank == 3 for m in load_kohya(str(out)).values())
 
 
+def test_cli_bad_inputs_one_error_exit_2_nothing_written(tmp_path):
+    """A pickle, a missing file, a wrong weight count: one message naming each, exit 2, no traceback, no output."""
+    import pickle
+
+    good, pkl, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "x.safetensors"
+    save_kohya(str(good), random_lora(1, 4, 4.0))
+    pkl.write_bytes(pickle.dumps({"w": 1}))
+    res = subprocess.run([sys.executable, "-m", "training.merge", str(good), str(pkl), str(tmp_path / "gone.safetensors"),
+                          "--out", str(out), "--weights", "1,1"], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert str(pkl) in res.stderr and "gone.safetensors" in res.stderr and "--weights" in res.stderr
+    assert not out.exists()
+
+
 def test_peft_roundtrip_and_fold_match_live_lora():
     unet = tiny_unet()
     add_adapter(unet, "s1", 4, 2.0, trainable=True)

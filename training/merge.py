@@ -7,9 +7,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+
+def input_problems(args) -> list[str]:
+    """Every bad argument, checked before anything is read or written (headers only: nothing is unpickled)."""
+    from training.lora_files.kohya import kohya_file_problem
+
+    problems = [why for p in args.loras if (why := kohya_file_problem(p))]
+    if args.weights is not None:
+        try:
+            if len([float(w) for w in args.weights.split(",")]) != len(args.loras):
+                problems.append(f"--weights: {args.weights!r} has not one weight per input ({len(args.loras)})")
+        except ValueError:
+            problems.append(f"--weights: expected comma-separated numbers, got {args.weights!r}")
+    if args.rank is not None and args.rank < 1:
+        problems.append(f"--rank: must be >= 1, got {args.rank}")
+    if not args.out.endswith(".safetensors"):
+        problems.append(f"--out: expected a .safetensors path, got {args.out!r}")
+    return problems
 
 
 def main(argv=None):
+    from training.errors import USER_ERRORS
     from training.lora_files.merge import merge_files
 
     ap = argparse.ArgumentParser(prog="python -m training.merge", description=__doc__.split("\n\n")[1])
@@ -18,8 +38,16 @@ def main(argv=None):
     ap.add_argument("--weights", default=None, help="comma-separated weight per input, e.g. 1,0.5")
     ap.add_argument("--rank", type=int, default=None, help="SVD re-rank every module to this rank")
     args = ap.parse_args(argv)
+    problems = input_problems(args)
+    if problems:
+        print("error: " + "\n       ".join(problems), file=sys.stderr)
+        sys.exit(2)  # a usage error, as argparse's own
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    report = merge_files(args.loras, args.out, weights, args.rank)
+    try:
+        report = merge_files(args.loras, args.out, weights, args.rank)
+    except USER_ERRORS + (ValueError,) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     errors = report.pop("svd_module_rel_errors", None)
     if errors:
         worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
