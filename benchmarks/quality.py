@@ -130,6 +130,11 @@ def student_models(cfg, folders: dict) -> list:
 
 # --- evaluation -------------------------------------------------------------------------------------
 
+def sample_columns(n: int, k: int = 8) -> torch.Tensor:
+    """k evaluation prompts spread over the balanced set (the first k would all be red: see balanced_labels)."""
+    return torch.arange(k) * 5 % n
+
+
 class Evaluation:
     """The fixed evaluation set (prompts, initial noise, re-noise seed) and the teacher's 25-step reference;
     `add` samples one (model, steps, eta) and scores it."""
@@ -154,7 +159,7 @@ class Evaluation:
         self.rows.append(row)
         shown_eta = 0.0 if row_id == "teacher" else recommended_eta(steps)
         if seed in (None, self.cfg["seeds"][0]) and eta == shown_eta:  # the sample grid: first seed, one sampler
-            self.samples[(name, steps, eta)] = imgs[:8]
+            self.samples[(name, steps, eta)] = imgs[sample_columns(len(imgs))]
         return imgs
 
 
