@@ -4,16 +4,14 @@ config errors, and `python -m training.run` on shards: SIGKILL + resume, 2 proce
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 import torch
 
-from tests.test_training_run import REPO, cmd, env, max_diff
+from tests.test_training_run import REPO, cmd, env, kill_at_step_2, max_diff
 from training.data import DatasetOptions
 from training.data.shards import expand_braces
 from training.data.webdataset import WebDatasetSource, epoch_shards
@@ -313,16 +311,7 @@ def test_run_on_shards_records_the_position_and_counts(reference):
 
 def test_sigkill_then_resume_gives_the_same_lora(reference, shards, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(out, *data_set(shards, 1)), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    target = out / "checkpoints" / "step_000002" / "trainer_state.json"
-    deadline = time.time() + 400
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert target.exists(), "run never reached step 2"
-    assert not (out / "hyper_sd_lora.safetensors").exists(), "run finished before the kill"
+    kill_at_step_2(cmd(out, *data_set(shards, 1)), out)
     train(out, shards, 0, "--resume", "latest")       # no workers this time: the samples do not depend on them
     diff = max_diff(str(out / "hyper_sd_lora.safetensors"), str(reference / "hyper_sd_lora.safetensors"))
     print(f"webdataset resume max abs diff {diff:.3e}")

@@ -76,9 +76,9 @@ def test_existing_output_not_overwritten(reference):
     assert p.returncode == 2 and "--overwrite" in p.stderr
 
 
-def test_resume_after_sigkill_matches_uninterrupted(reference, tmp_path):
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(out), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def kill_at_step_2(args, out):
+    """Start `python -m training.run args`, SIGKILL it once its step-2 checkpoint is written (before the end)."""
+    proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     target = out / "checkpoints" / "step_000002" / "trainer_state.json"
     deadline = time.time() + 400
     while not target.exists() and proc.poll() is None and time.time() < deadline:
@@ -87,6 +87,11 @@ def test_resume_after_sigkill_matches_uninterrupted(reference, tmp_path):
     proc.wait()
     assert target.exists(), "run never reached step 2"
     assert not (out / "hyper_sd_lora.safetensors").exists(), "run finished before the kill"
+
+
+def test_resume_after_sigkill_matches_uninterrupted(reference, tmp_path):
+    out = tmp_path / "killed"
+    kill_at_step_2(cmd(out), out)
     run(out, "--resume", "latest")
     diff = max_diff(str(out / "hyper_sd_lora.safetensors"), str(reference / "hyper_sd_lora.safetensors"))
     print(f"resume max abs diff {diff:.3e}")
