@@ -45,7 +45,8 @@ def _sources():
 
 
 @pytest.mark.parametrize("module", ["nodes", "nodes.lora.files", "nodes.lora.keys", "nodes.lora.families",
-                                    "nodes.lora.matching", "nodes.scribble_math", "releases", "workflows.build"])
+                                    "nodes.lora.matching", "nodes.lora.lycoris", "nodes.lora.presets",
+                                    "nodes.sampling_kind", "nodes.scribble_math", "releases", "workflows.build"])
 def test_comfyui_free_modules_import_without_comfyui(module):
     importlib.import_module(module)
 
