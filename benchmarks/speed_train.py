@@ -61,54 +61,71 @@ def ours_train_step_fn(unet, params, batch, gen):
 
 
 def reference_lcm_step_fn(unet, params, batch, gen):
-    """diffusers train_lcm_distill_lora_sd.py's step, rewritten: DDIM solver, teacher CFG as two
-    passes, boundary-condition scalings, target from the same LoRA UNet under no_grad, huber loss."""
+    """The reference step on the tiny UNet: fresh latents and text states each step (lcm_lora_step)."""
     abar = scaled_linear_alphas_cumprod().float()
-    skip = 1000 // 50
-    ddim_t = torch.arange(1, 51) * skip - 1
     opt = torch.optim.AdamW(params, lr=1e-4)
     b, size = batch, TRAIN["size"]
 
-    def boundary(t, sigma_data=0.5, scale=10.0):
-        t = t.float() * scale
-        c_skip = sigma_data**2 / (t**2 + sigma_data**2)
-        c_out = t / (t**2 + sigma_data**2) ** 0.5
-        return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
-
-    def x0_of(eps, x, t):
-        a = abar[t].view(-1, 1, 1, 1)
-        return (x - (1 - a).sqrt() * eps) / a.sqrt()
-
     def step():
         latents = torch.randn(b, 4, size, size, generator=gen)
-        ehs = torch.randn(b, TRAIN["seq"], 32, generator=gen)
-        uncond = torch.zeros(b, TRAIN["seq"], 32)
-        idx = torch.randint(0, 50, (b,), generator=gen)
-        start = ddim_t[idx]
-        prev = (start - skip).clamp_min(0)
-        cs0, co0 = boundary(start)
-        cs, co = boundary(prev)
-        noise = torch.randn(latents.shape, generator=gen)
-        a = abar[start].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        w = torch.empty(b, 1, 1, 1).uniform_(3.0, 8.0, generator=gen)
-        pred = cs0 * noisy + co0 * x0_of(unet(noisy, start, ehs).sample, noisy, start)
+        cond = {"encoder_hidden_states": torch.randn(b, TRAIN["seq"], 32, generator=gen)}
+        lcm_lora_step(unet, opt, latents, cond, {"encoder_hidden_states": torch.zeros(b, TRAIN["seq"], 32)}, gen, abar)
+    return step
+
+
+def lcm_boundary(t, sigma_data=0.5, scale=10.0):
+    t = t.float() * scale
+    c_skip = sigma_data**2 / (t**2 + sigma_data**2)
+    c_out = t / (t**2 + sigma_data**2) ** 0.5
+    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+
+def lcm_lora_step(unet, opt, latents, cond, uncond, gen, abar, w_range=(3.0, 8.0), huber_c=1e-3,
+                  autocast=contextlib.nullcontext, clip_params=None, after_backward=None):
+    """diffusers train_lcm_distill_lora_sd.py's step, rewritten: DDIM solver (50 steps), teacher CFG as two
+    passes with the adapters off, boundary-condition scalings, target from the same LoRA UNet under
+    no_grad, huber loss, AdamW. `cond` / `uncond` are UNet kwargs (SDXL: with added_cond_kwargs);
+    `autocast` is the mixed-precision context; `clip_params`: clip their grad norm at 1 (the script's
+    max_grad_norm); `after_backward()` is called between backward and the optimizer (memory phases)."""
+    skip = 1000 // 50
+    ddim_t = torch.arange(1, 51, device=latents.device) * skip - 1
+    b = len(latents)
+
+    def x0_of(eps, x, t):
+        a = abar[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+    idx = torch.randint(0, 50, (b,), generator=gen).to(latents.device)
+    start = ddim_t[idx]
+    prev = (start - skip).clamp_min(0)
+    cs0, co0 = lcm_boundary(start)
+    cs, co = lcm_boundary(prev)
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
+    a = abar[start].view(-1, 1, 1, 1).to(latents.dtype)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    w = torch.empty(b, 1, 1, 1).uniform_(*w_range, generator=gen).to(latents.device)
+    with autocast():
+        pred = cs0 * noisy + co0 * x0_of(unet(noisy, start, **cond).sample, noisy, start)
         with torch.no_grad():
             unet.disable_adapters()
-            e_c = unet(noisy, start, ehs).sample
-            e_u = unet(noisy, start, uncond).sample
+            e_c = unet(noisy, start, **cond).sample
+            e_u = unet(noisy, start, **uncond).sample
             unet.enable_adapters()
             x0_c, x0_u = x0_of(e_c, noisy, start), x0_of(e_u, noisy, start)
             x0 = x0_c + w * (x0_c - x0_u)
             eps = e_c + w * (e_c - e_u)
             ap = abar[prev].view(-1, 1, 1, 1)
-            x_prev = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
-            target = cs * x_prev + co * x0_of(unet(x_prev, prev, ehs).sample, x_prev, prev)
-        loss = (torch.sqrt((pred.float() - target.float()) ** 2 + 1e-3**2) - 1e-3).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+            x_prev = (ap.sqrt() * x0 + (1 - ap).sqrt() * eps).to(noisy.dtype)
+            target = cs * x_prev + co * x0_of(unet(x_prev, prev, **cond).sample, x_prev, prev)
+        loss = (torch.sqrt((pred.float() - target.float()) ** 2 + huber_c**2) - huber_c).mean()
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # after the step, as the script does: no grads held between steps
+    return loss
 
 
 def unet_passes_fn(unet, batch, teacher_batches):
