@@ -18,7 +18,7 @@ from .lora.families import lora_family, model_family
 from .lora.files import check_safetensors, load_safetensors, safe_relative_name
 from .lora.keys import to_kohya
 from .lora.lycoris import materialize_lokr_tucker
-from .lora.matching import MatchReport, WeightShapes, match_modules
+from .lora.matching import MatchReport, match_modules
 from .lora.presets import recommended_settings
 
 log = logging.getLogger("HyperSD")
@@ -82,11 +82,11 @@ def _check_matches(lora_sd: dict, model, clip, source: str, conv, name: str) -> 
     import comfy.lora
 
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    roots = [model.model]
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-        roots.append(clip.cond_stage_model)
-    report = match_modules(lora_sd, key_map, WeightShapes(*roots))
+        shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
+    report = match_modules(lora_sd, key_map, shapes)
     _refuse_broken(report, conv, source, name)
     family, lora_fam = _model_family_name(model), lora_family(lora_sd)
     if lora_fam is not None and family in ("SD15", "SD2", "SDXL", "SD3", "FLUX") and lora_fam != family:

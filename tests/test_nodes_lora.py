@@ -370,26 +370,3 @@ def test_tucker_lokr_is_precomputed_to_what_the_file_describes(w1, alpha):
     new = {k.split(".", 1)[1]: v for k, v in out.items()}
     new_scale = alpha / 3 if alpha is not None and "lokr_w1_b" in new else 1.0  # ComfyUI's scale for the new module
     assert torch.allclose(new_scale * _comfy_change("LoKr", new), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_weight_shapes_reads_attributes_not_the_whole_state_dict(monkeypatch):
-    """The loader's shape lookup (matching.WeightShapes) gives the state dict's shapes for every key,
-    including Sequential / ModuleList indices and a second root (the text encoder), without building
-    the state dict; a key only a custom state dict has still resolves (built once, then)."""
-    unet = torch.nn.Module()
-    unet.diffusion_model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.ModuleList([torch.nn.Linear(8, 16)]))
-    clip = torch.nn.Module()
-    clip.clip_l = torch.nn.Linear(3, 5)
-    expected = {k: tuple(v.shape) for r in (unet, clip) for k, v in r.state_dict().items()}
-    shapes = matching.WeightShapes(unet, clip)
-    built = []
-    for root in (unet, clip):
-        original = root.state_dict
-        monkeypatch.setattr(root, "state_dict", lambda *a, _o=original, **k: built.append(1) or _o(*a, **k))
-    assert {k: shapes.get(k) for k in expected} == expected and not built
-    assert shapes.get("diffusion_model.9.weight") is None and len(built) == 2  # absent: full state dicts, once
-    assert shapes.get("clip_l.missing") is None and len(built) == 2
-    report = matching.match_modules({"lora_unet_l.lora_down.weight": torch.zeros(2, 8),
-                                     "lora_unet_l.lora_up.weight": torch.zeros(15, 2)},
-                                    {"lora_unet_l": "diffusion_model.1.0.weight"}, shapes)
-    assert report.shape_mismatch and report.shape_mismatch[0][2] == (16, 8)

@@ -168,37 +168,7 @@ def group_modules(state_dict: dict) -> tuple[dict, list]:
     return modules, unknown
 
 
-class WeightShapes:
-    """Model weight shapes by state-dict key, looked up on demand through the modules' attributes: matching
-    a LoRA then reads the few hundred weights it names instead of walking the whole state dict of the UNet
-    and the text encoders (about a third of the loader node's own time at SD1.5 / SDXL size). A key the
-    attributes do not reach (a custom state dict) falls back to the full state dicts, built once."""
-
-    def __init__(self, *roots):
-        self.roots, self._all = roots, None
-
-    def _by_attribute(self, key: str):
-        for root in self.roots:
-            obj = root
-            try:
-                for part in key.split("."):
-                    obj = getattr(obj, part)
-            except AttributeError:
-                continue
-            if hasattr(obj, "shape"):
-                return tuple(obj.shape)
-        return None
-
-    def get(self, key: str, default=None):
-        shape = self._by_attribute(key)
-        if shape is None:
-            if self._all is None:
-                self._all = {k: tuple(v.shape) for r in self.roots for k, v in r.state_dict().items()}
-            shape = self._all.get(key)
-        return default if shape is None else shape
-
-
-def _model_shape(target, part: str, weight_shapes) -> tuple | None:
+def _model_shape(target, part: str, weight_shapes: dict) -> tuple | None:
     """Shape the change lands on: the weight (or its bias), narrowed where ComfyUI maps a slice."""
     key, narrow = (target if isinstance(target, tuple) else (target, None))
     if part == "bias":
@@ -216,12 +186,11 @@ def _fits(kind: str, change: tuple, shape: tuple) -> bool:
     return tuple(change) == tuple(shape)
 
 
-def match_modules(state_dict: dict, key_map: dict, weight_shapes) -> MatchReport:
+def match_modules(state_dict: dict, key_map: dict, weight_shapes: dict) -> MatchReport:
     """Which LoRA modules ComfyUI will apply: combinable tensors, name in ``key_map``, change fits the weight.
 
     ``key_map`` maps LoRA module names to model state-dict keys (ComfyUI's model_lora_keys_*), some to
-    ``(key, (dim, start, size))`` slices; ``weight_shapes`` maps model keys to shapes (a dict or
-    ``WeightShapes``: anything with ``get``).
+    ``(key, (dim, start, size))`` slices; ``weight_shapes`` maps model keys to shapes.
     """
     modules, unknown = group_modules(state_dict)
     report = MatchReport([], [], [], unknown_keys=unknown)
