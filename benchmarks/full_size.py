@@ -66,7 +66,7 @@ def memory_plan() -> list[dict]:
     plan += [mem("sd15", 256, "bf16", True, v) for v in OURS[1:]] + [mem("sd15", 256, "amp", True, "tscd")]
     plan += [mem("sd15", 512, "bf16", c, v) for c in [True, False] for v in ["tscd", "lcm"]]
     plan += [mem("sdxl", 256, "bf16", c, "tscd") for c in [True, False]] + [mem("sdxl", 256, "bf16", True, "lcm")]
-    plan += [mem("sdxl", 512, "bf16", True, v) for v in ["tscd", "lcm"]]
+    plan += [mem("sdxl", 512, "bf16", True, v) for v in ["tscd", "lcm"]] + [mem("sdxl", 512, "bf16", False, "tscd")]
     plan += [mem("sdxl", 512, "bf16", True, v, lean=True) for v in ["dmd_fake", "feedback", "dmd_gen"]]
     return plan
 

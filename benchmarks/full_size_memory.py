@@ -11,7 +11,10 @@ built (checks the arithmetic); transient = the exact peak of the tensor storages
 (full_size_step.TensorPeak, the "-mem" runs, one step each), checked against the sampled RSS peak of
 the timed step. c0, c1 are fitted per (model, precision, checkpointing, stage) where two sizes were
 tracked; with one size, c0 is borrowed from the same model's TSCD fit (grads + optimizer temporaries
-scale with the LoRA, not the image) and c1 follows.
+scale with the LoRA, not the image; same precision and checkpointing where tracked) and c1 follows.
+Where the activations are smaller than the grads (small sizes, checkpointing) the grads set the peak;
+such a point lies above the activations' line, so a fit through it and a larger size has a smaller
+slope (SDXL without checkpointing: docs/benchmarks.md gives the range).
 
 The GPU projection takes the bf16-mode transients (bf16 autocast saves what a GPU run saves; CPU and
 GPU attention are both memory-efficient kernels) and the persistent memory of a whole shipped-plan run:
@@ -41,7 +44,9 @@ def key(r) -> str:
 
 
 def persistent_model(r) -> int:
-    return (WEIGHT_BYTES[r["mode"]] * r["unet_params"] + 4 * r["lora_params_all"] + 8 * r["adam_params"]
+    """Bytes held before a timed step; without a warm-up step the AdamW state is made during the step."""
+    adam = 8 * r["adam_params"] if r["warmup"] > 0 else 0
+    return (WEIGHT_BYTES[r["mode"]] * r["unet_params"] + 4 * r["lora_params_all"] + adam
             + 4 * r["ema_params"] + 4 * r["extra_params"])
 
 
@@ -85,7 +90,10 @@ def fits(mem: dict) -> dict:
     out = {k: fit(v) for k, v in groups.items() if len({m["x"] for m in v}) > 1}
     for k, v in groups.items():
         if k not in out:
-            tscd = out.get(k.rsplit("/", 1)[0] + "/tscd")
+            family, mode, ckpt, _ = k.split("/")
+            other = "nockpt" if ckpt == "ckpt" else "ckpt"
+            tscd = out.get(f"{family}/{mode}/{ckpt}/tscd") or out.get(f"{family}/bf16/{ckpt}/tscd") \
+                or out.get(f"{family}/{mode}/{other}/tscd")
             out[k] = fit(v, tscd["c0_gb"] if tscd else None)
     return out
 
