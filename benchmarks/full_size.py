@@ -7,7 +7,7 @@ measurements and projected to 24 GB / 80 GB GPUs (benchmarks/full_size_memory.py
     python -m benchmarks.full_size                      # the CPU plan (about an hour on 1 thread)
     python -m benchmarks.full_size --memory             # one exact-memory step per configuration (~40 min)
     python -m benchmarks.full_size --only 'sd15-256px'  # the configurations whose name matches
-    python -m benchmarks.full_size --device cuda        # the GPU plan: 512 px SD1.5, 1024 px SDXL (untested)
+    python -m benchmarks.full_size --device cuda        # the GPU plan: 512 px SD1.5, 1024 px SDXL (ran on an H200)
     python -m benchmarks.full_size --report             # rebuild the JSON summary + Markdown from the runs
 
 Nothing is downloaded. Each configuration runs in a fresh process (benchmarks/full_size_step.py) with
@@ -73,8 +73,11 @@ def memory_plan() -> list[dict]:
 
 def gpu_plan() -> list[dict]:
     """Native resolutions, every variant, the trainer's mixed precision (amp) and bf16 weights."""
-    return [dict(spec(f, px, m, c, v, steps=3, warmup=2), track=False) for f, px in [("sd15", 512), ("sdxl", 1024)]
+    plan = [dict(spec(f, px, m, c, v, steps=3, warmup=2), track=False) for f, px in [("sd15", 512), ("sdxl", 1024)]
             for m in ["amp", "bf16"] for c in [True, False] for v in ["tscd", "lcm", *OURS[1:]]]
+    # the per-sample slope: a larger micro-batch of TSCD as shipped
+    return plan + [dict(spec(f, px, "amp", True, "tscd", batch=b, steps=3, warmup=2), track=False)
+                   for f, px, b in [("sd15", 512, 8), ("sdxl", 1024, 4)]]
 
 
 def run_child(s: dict, threads: int) -> dict:
@@ -155,7 +158,8 @@ def main(argv=None):
         run_plan(plan, runs_path, args)
     from benchmarks.full_size_memory import write_summary
 
-    write_summary(json.loads(runs_path.read_text()), stem)
+    cpu = RESULTS / "full_size.json" if args.device == "cuda" else None  # the CPU-fitted model, to check
+    write_summary(json.loads(runs_path.read_text()), stem, cpu)
 
 
 if __name__ == "__main__":

@@ -179,10 +179,69 @@ def summarize(runs: dict) -> dict:
             "failed": {n: r["error"] for n, r in runs["runs"].items() if "error" in r}}
 
 
-def write_summary(runs: dict, stem: Path) -> dict:
+def gpu_check(runs: dict, cpu_fits: dict) -> list[dict]:
+    """Measured GPU peaks (max_memory_allocated) beside the model: the run's own persistent arithmetic plus
+    the transient fitted on the CPU (bf16 autocast, same model / checkpointing / stage) at its size."""
+    rows = []
+    for name, r in runs["runs"].items():
+        f = cpu_fits.get(f"{r['family']}/bf16/{'ckpt' if r['checkpointing'] else 'nockpt'}/{r['variant']}")
+        if "error" in r or not f:
+            continue
+        peak = max(st["peak"] for st in r["steps_bytes"]) / GB
+        persistent = persistent_model(r) / GB
+        transient = f["c0_gb"] + f["c1_gb"] * r["batch"] * r["latent"] ** 2
+        rows.append({"name": name, "measured_peak_gb": peak, "model_gb": persistent + transient,
+                     "persistent_model_gb": persistent, "transient_model_gb": transient,
+                     "measured_transient_gb": peak - persistent, "step_s": statistics.median(r["step_s"])})
+    return rows
+
+
+def gpu_plan_table(runs: dict) -> list[dict]:
+    """From GPU measurements (as shipped: fp32 frozen weights, bf16 autocast): a whole shipped-plan run's
+    memory at micro-batch B = its persistent arithmetic (every adapter, AdamW of the groups trained so far,
+    EMA, text encoders, VAE, reward; 1 GB CUDA context and slack) + t1 + slope x (B - 1), where t1 is the
+    measured batch-1 transient (peak minus the run's own persistent arithmetic) and slope the measured
+    per-sample growth (TSCD: from its larger-batch run; other stages: t1 minus TSCD's batch-independent
+    part, i.e. all the rest taken as per-sample). Also with bf16 frozen weights (UNet 2 bytes a parameter)."""
+    ok = [r for r in runs["runs"].values() if "error" not in r and r["mode"] == "amp"]
+
+    def t(r):
+        return max(st["peak"] for st in r["steps_bytes"]) / GB - persistent_model(r) / GB
+    one = {(r["family"], r["checkpointing"], r["variant"]): r for r in ok if r["batch"] == 1}
+    big = {(r["family"], r["checkpointing"], r["variant"]): r for r in ok if r["batch"] > 1}
+    rows = []
+    for k, r in one.items():
+        family, ckpt, variant = k
+        t1 = t(r)
+        ref = big.get((family, ckpt, "tscd")) or big.get((family, True, "tscd"))
+        tscd1 = one.get((family, ref["checkpointing"], "tscd")) if ref else None
+        tscd_slope = (t(ref) - t(tscd1)) / (ref["batch"] - 1) if ref and tscd1 else None
+        if k in big:
+            slope, how = (t(big[k]) - t1) / (big[k]["batch"] - 1), f"measured at batch {big[k]['batch']}"
+        elif tscd_slope is not None and ckpt == ref["checkpointing"]:
+            slope, how = t1 - (t(tscd1) - tscd_slope), "batch-1 transient minus TSCD's fixed part"
+        else:
+            slope, how = t1, "all of the batch-1 transient"
+        lora = r["lora_params_trainable"] if variant in ("tscd", "lcm") else None
+        lora = lora or next((o["lora_params_trainable"] for o in ok if o["family"] == family and o["variant"] == "tscd"), 0)
+        for weights in (["bf16"] if variant == "lcm" else ["amp", "bf16"]):  # the recipe keeps bf16 weights
+            base = project_gpu(family, variant, weights, {"c0_gb": 0.0, "c1_gb": 0.0}, lora, 1)
+            fixed = base["total_gb"] + t1 - slope  # everything but the per-sample part
+            fits = [int((budget - fixed) // slope) if slope > 0 else 0 for budget in (24, 80)]
+            rows.append({"family": family, "variant": variant, "checkpointing": ckpt, "weights": weights,
+                         "px": r["px"], "t1_gb": t1, "slope_gb": slope, "slope_from": how,
+                         "batch1_gb": fixed + slope, "max_batch_24gb": max(0, fits[0]),
+                         "max_batch_80gb": max(0, fits[1]), "step_s_batch1": statistics.median(r["step_s"])})
+    return rows
+
+
+def write_summary(runs: dict, stem: Path, cpu_summary: Path | None = None) -> dict:
     from benchmarks.full_size_tables import markdown
 
     s = summarize(runs)
+    if cpu_summary is not None and cpu_summary.exists():
+        s["gpu_check"] = gpu_check(runs, json.loads(cpu_summary.read_text())["transient_fits"])
+        s["gpu_plan"] = gpu_plan_table(runs)
     write_atomic_text(stem.with_suffix(".json"), json.dumps(s, indent=1))
     write_atomic_text(stem.with_suffix(".md"), markdown(s))
     return s

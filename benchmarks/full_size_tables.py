@@ -63,6 +63,23 @@ def gpu_table(rows: list) -> list[str]:
                    "max micro-batch 80 GB"], out)
 
 
+def gpu_check_table(rows: list) -> list[str]:
+    out = [[r["name"], f"{r['step_s']:.2f}", f"{r['measured_peak_gb']:.2f}", f"{r['model_gb']:.2f}",
+            f"{r['measured_transient_gb']:.2f}", f"{r['transient_model_gb']:.2f}"] for r in rows]
+    return _table(["configuration (GPU)", "step wall s", "peak GB (max_memory_allocated)", "model GB",
+                   "transient GB: measured", "transient GB: CPU-fitted model"], out)
+
+
+def gpu_plan_table(rows: list) -> list[str]:
+    out = [[r["family"], r["px"], r["variant"], "on" if r["checkpointing"] else "off",
+            {"amp": "fp32 (as shipped)", "bf16": "bf16"}[r["weights"]], f"{r['step_s_batch1']:.2f}",
+            f"{r['t1_gb']:.2f}", f"{r['slope_gb']:.2f} ({r['slope_from']})", f"{r['batch1_gb']:.1f}",
+            r["max_batch_24gb"], r["max_batch_80gb"]] for r in rows]
+    return _table(["model", "px", "stage", "grad ckpt", "frozen weights", "step s (batch 1)",
+                   "transient GB batch 1", "GB per extra sample", "whole-plan run, batch 1 GB",
+                   "max micro-batch 24 GB", "max micro-batch 80 GB"], out)
+
+
 def markdown(s: dict) -> str:
     lines = ["# Full-size training step (benchmarks/full_size.py)", "", machine_line(s["machine"]), "",
              "Random-weight SD1.5 / SDXL UNets from their published configs, LoRA rank 64, the shipped configs' "
@@ -75,6 +92,11 @@ def markdown(s: dict) -> str:
              "## Ours / reference", "", *ratio_table(s["ratios"]), "",
              "## Transient model: c0 + c1 x batch x latent pixels", "", *fit_table(s["transient_fits"]), "",
              "## Projected to one GPU at native resolution (not measured)", "", *gpu_table(s["gpu_projection"])]
+    if s.get("gpu_plan"):
+        lines += ["", "## A whole shipped-plan run on one GPU, from the GPU measurements", "",
+                  *gpu_plan_table(s["gpu_plan"])]
+    if s.get("gpu_check"):
+        lines += ["", "## Measured on the GPU vs the memory model fitted on the CPU", "", *gpu_check_table(s["gpu_check"])]
     if s["failed"]:
         lines += ["", "## Failed configurations", "", *(f"- {n}: {e[:300]}" for n, e in s["failed"].items())]
     return "\n".join(lines) + "\n"
