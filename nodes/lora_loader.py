@@ -15,10 +15,10 @@ from comfy_api.latest import io
 from ..releases import (NO_RELEASE, RELEASE_NAMES, Release, download_release, get_release, missing_file_hint,
                         release_for_file)
 from .lora.families import lora_family, model_family
-from .lora.files import check_safetensors, load_safetensors, safe_relative_name
+from .lora.files import check_safetensors, read_lora_file, safe_relative_name
 from .lora.keys import to_kohya
 from .lora.lycoris import materialize_lokr_tucker
-from .lora.matching import MatchReport, match_modules
+from .lora.matching import MatchReport, ModelWeightShapes, group_modules, match_modules
 from .lora.presets import recommended_settings
 
 log = logging.getLogger("HyperSD")
@@ -78,17 +78,23 @@ def _refuse_broken(report: MatchReport, conv, source: str, name: str) -> None:
                          "LoHa or LoKr keys")
 
 
-def _check_matches(lora_sd: dict, model, clip, source: str, conv, name: str) -> tuple[MatchReport, str]:
+def model_key_map(model, clip) -> dict:
+    """ComfyUI's LoRA key map of the model (and the CLIP, when connected): LoRA module name -> weight key.
+    Built once a load: matching and patching both read it (core load_lora_for_models builds its own)."""
     import comfy.lora
 
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-        shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
-    report = match_modules(lora_sd, key_map, shapes)
+    return key_map
+
+
+def _check_matches(lora_sd: dict, grouped: tuple, key_map: dict, model, clip, source: str, conv,
+                   name: str) -> tuple[MatchReport, str]:
+    roots = [model.model] + ([clip.cond_stage_model] if clip is not None else [])
+    report = match_modules(lora_sd, key_map, ModelWeightShapes(*roots), grouped)
     _refuse_broken(report, conv, source, name)
-    family, lora_fam = _model_family_name(model), lora_family(lora_sd)
+    family, lora_fam = _model_family_name(model), lora_family(lora_sd, grouped[0])
     if lora_fam is not None and family in ("SD15", "SD2", "SDXL", "SD3", "FLUX") and lora_fam != family:
         raise ValueError(f"{source}: this LoRA is for {lora_fam} but the model is {family}; "
                          f"pick a {family} LoRA (or the matching checkpoint)")
@@ -117,22 +123,57 @@ def _drop_text_encoder(sd: dict) -> tuple[dict, int]:
     return kept, (len(sd) - len(kept))
 
 
-def load_and_apply(model, clip, path: str, strength_model: float, strength_clip: float, source: str):
-    import comfy.sd
+def apply_patches(model, clip, lora_sd: dict, key_map: dict, matched: list, strength_model: float,
+                  strength_clip: float):
+    """(patched model, patched CLIP) as core comfy.sd.load_lora_for_models makes them, from the key map
+    built for matching. comfy.lora.load_lora tries every adapter format on every key-map entry (3,000
+    names for SD1.5 with CLIP), which is most of core's node time; given only the matched modules' entries
+    (in key-map order, so any entries aliasing one weight resolve as in core) it returns the same patches:
+    it reads a module's tensors only under that module's own name. A file ComfyUI's convert_lora renames
+    (BFL control, Wan Fun, USO LoRAs) gets the whole key map, as in core."""
+    import comfy.lora
+    import comfy.lora_convert
 
+    converted = comfy.lora_convert.convert_lora(lora_sd)
+    wanted = set(matched)
+    to_load = {n: t for n, t in key_map.items() if n in wanted} if converted is lora_sd else key_map
+    loaded = comfy.lora.load_lora(converted, to_load)
+    new_model = model.clone()
+    applied = set(new_model.add_patches(loaded, strength_model))
+    new_clip = None
+    if clip is not None:
+        new_clip = clip.clone()
+        applied.update(new_clip.add_patches(loaded, strength_clip))
+    for key in loaded:
+        if key not in applied:
+            log.warning("NOT LOADED %s", key)
+    return new_model, new_clip
+
+
+def load_and_apply(model, clip, path: str, strength_model: float, strength_clip: float, source: str):
+    """(patched model, patched CLIP, match report, info, the file's metadata); every piece of work once:
+    the header read, the modules grouped, the key map built."""
     name = os.path.basename(path)
-    raw = load_safetensors(path, source)
+    raw, metadata = read_lora_file(path, source)
     if not raw:
         raise ValueError(f"{source}: {name} contains no tensors (an empty LoRA file)")
     conv = to_kohya(raw)
     sd, dropped = (conv.state_dict, 0) if clip is not None else _drop_text_encoder(conv.state_dict)
     if not sd:
         raise ValueError(f"{source}: {name} has no UNet LoRA keys (text-encoder only) and no CLIP is connected")
-    report, family = _check_matches(sd, model, clip, source, conv, name)
+    grouped = group_modules(sd)
+    key_map = model_key_map(model, clip)
+    report, family = _check_matches(sd, grouped, key_map, model, clip, source, conv, name)
     # Only validated modules go to ComfyUI, so `info` says exactly what was applied.
     unknown = set(report.unknown_keys)
-    sd, _ = materialize_lokr_tucker({k: v for k, v in sd.items() if k not in unknown})
-    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, sd, strength_model, strength_clip)
+    sd, _ = materialize_lokr_tucker({k: v for k, v in sd.items() if k not in unknown}, grouped[0])
+    new_model, new_clip = apply_patches(model, clip, sd, key_map, report.matched, strength_model, strength_clip)
+    info = _describe(name, report, family, conv, strength_model, strength_clip, dropped)
+    return new_model, new_clip, report, info, metadata
+
+
+def _describe(name: str, report: MatchReport, family: str, conv, strength_model: float, strength_clip: float,
+              dropped: int) -> str:
     formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(conv.formats.items()))
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(report.kind_counts().items()))
     info = (f"{name}: applied {len(report.matched)}/{report.total} modules to {family} "
@@ -147,15 +188,15 @@ def load_and_apply(model, clip, path: str, strength_model: float, strength_clip:
         log.warning("HyperSD LoRA: %s", info)
     else:
         log.info("HyperSD LoRA: %s", info)
-    return new_model, new_clip, report, info
+    return info
 
 
-def family_settings(path: str, source: str) -> tuple:
+def family_settings(path: str, metadata: dict) -> tuple:
     """Steps, cfg, sampler, scheduler, eta and their description for a file that is no official release:
-    its own hypersd.* metadata, or a known fast-LoRA family by name (lora/presets.py), else the defaults."""
+    its own hypersd.* metadata (read with the file), or a known fast-LoRA family by name (lora/presets.py),
+    else the defaults."""
     import comfy.samplers
 
-    metadata = check_safetensors(path, source).get("__metadata__") or {}
     preset, notes = recommended_settings(path, metadata, comfy.samplers.SAMPLER_NAMES,
                                          comfy.samplers.SCHEDULER_NAMES)
     described = "; ".join([preset.describe()] + notes)
@@ -218,13 +259,13 @@ class HyperSDLoraLoader(io.ComfyNode):
             rel = release_for_file(path)
         scale = rel.strength if rel is not None else 1.0
         source = "release" if release != NO_RELEASE else "lora_name"
-        new_model, new_clip, _, info = load_and_apply(
+        new_model, new_clip, _, info, metadata = load_and_apply(
             model, clip, path, strength_model * scale, strength_clip * scale, source)
         if rel is not None:
             steps, cfg, sampler, scheduler, eta = rel.steps, rel.cfg, rel.sampler, rel.scheduler, rel.eta
             info += f"; {rel.name}: {rel.note}" if rel.note else ""
         else:
-            steps, cfg, sampler, scheduler, eta, described = family_settings(path, source)
+            steps, cfg, sampler, scheduler, eta, described = family_settings(path, metadata)
             info += f"; {described}"
         return io.NodeOutput(new_model, new_clip, steps, float(cfg), sampler, scheduler, float(eta), info)
 

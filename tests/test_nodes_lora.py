@@ -370,3 +370,53 @@ def test_tucker_lokr_is_precomputed_to_what_the_file_describes(w1, alpha):
     new = {k.split(".", 1)[1]: v for k, v in out.items()}
     new_scale = alpha / 3 if alpha is not None and "lokr_w1_b" in new else 1.0  # ComfyUI's scale for the new module
     assert torch.allclose(new_scale * _comfy_change("LoKr", new), expected, rtol=1e-5, atol=1e-6)
+
+
+class _CustomStateDict(torch.nn.Module):
+    """A module whose state dict names a weight its attributes do not (as some quantised layers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Parameter(torch.zeros(5, 6))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "packed.weight"] = self.inner
+
+
+def test_model_weight_shapes_read_the_module_tree_like_the_state_dict():
+    """Every state-dict key (parameters, buffers, nested and conv weights, a second root) gets its state-dict
+    shape through the module tree; a key only a custom state dict has falls back to the full state dicts."""
+    unet = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.BatchNorm2d(8),
+                               torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False)))
+    clip = torch.nn.ModuleDict({"clip_l": torch.nn.ModuleDict({"proj": torch.nn.Linear(3, 7)}),
+                                "odd": _CustomStateDict()})
+    shapes = matching.ModelWeightShapes(unet, clip)
+    expected = {k: tuple(v.shape) for root in (unet, clip) for k, v in root.state_dict().items()}
+    assert "odd.packed.weight" in expected and "1.running_mean" in expected
+    assert shapes._all is None
+    assert {k: shapes.get(k) for k in expected if k != "odd.packed.weight"} == \
+        {k: s for k, s in expected.items() if k != "odd.packed.weight"}
+    assert shapes._all is None  # no state dict built for keys the module tree reaches
+    assert shapes.get("odd.packed.weight") == (5, 6)
+    assert shapes.get("2.0.bias") is None and shapes.get("nope.weight") is None  # bias=False, absent
+
+
+def test_grouping_once_gives_what_each_step_groups_itself():
+    """The loader groups a file's modules once and hands the grouping to matching, the family guess and the
+    Tucker LoKr pass: each gives what it gives grouping the state dict itself."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {"lora_unet_a_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
+          "lora_unet_a_attn2_to_k.lora_up.weight": torch.zeros(10, 4), "lora_unet_a_attn2_to_k.alpha": torch.tensor(2.0),
+          "odd.thing": torch.zeros(1),
+          **{f"t.{r}": torch.randn(s, generator=gen) for r, s in {"lokr_w1": (2, 4), **LOKR_TUCKER}.items()}}
+    grouped = matching.group_modules(sd)
+    key_map = {"lora_unet_a_attn2_to_k": "k.weight", "t": "t.weight"}
+    shapes = {"k.weight": (10, 2048), "t.weight": (10, 8, 3, 3)}
+    report = matching.match_modules(sd, key_map, shapes, grouped)
+    assert report.matched == ["lora_unet_a_attn2_to_k", "t"] and vars(report) == vars(matching.match_modules(sd, key_map, shapes))
+    assert families.lora_family(sd, grouped[0]) == families.lora_family(sd) == "SDXL"
+    known = {k: v for k, v in sd.items() if k not in grouped[1]}
+    (with_groups, n1), (alone, n2) = lycoris.materialize_lokr_tucker(known, grouped[0]), lycoris.materialize_lokr_tucker(known)
+    assert n1 == n2 == 1 and with_groups.keys() == alone.keys() and torch.equal(with_groups["t.lokr_w2"], alone["t.lokr_w2"])
+    plain = {k: v for k, v in known.items() if not k.startswith("t.")}
+    assert lycoris.materialize_lokr_tucker(plain, grouped[0]) == (plain, 0)  # modules absent from the dict: skipped

@@ -23,13 +23,18 @@ def _lokr_scale(roles: dict, state_dict: dict, rank_role: str | None) -> float:
     return float(state_dict[roles["alpha"]].item()) / state_dict[roles[rank_role]].shape[0]
 
 
-def materialize_lokr_tucker(state_dict: dict) -> tuple[dict, int]:
-    """(state dict with every Tucker LoKr w2 precomputed as ``lokr_w2``, number of modules rewritten)."""
-    modules, _ = group_modules(state_dict)
+def materialize_lokr_tucker(state_dict: dict, modules: dict | None = None) -> tuple[dict, int]:
+    """(state dict with every Tucker LoKr w2 precomputed as ``lokr_w2``, number of modules rewritten).
+
+    ``modules``: ``group_modules(state_dict)[0]`` when the caller has it already (it may name modules the
+    state dict no longer holds: only modules with every Tucker tensor present are rewritten)."""
+    modules = modules if modules is not None else group_modules(state_dict)[0]
+    tucker = {m: roles for m, roles in modules.items()
+              if "lokr_w2" not in roles and all(r in roles and roles[r] in state_dict for r in _TUCKER_W2)}
+    if not tucker:
+        return state_dict, 0  # the usual case: no copy of the state dict
     out, rewritten = dict(state_dict), 0
-    for module, roles in modules.items():
-        if not all(r in roles for r in _TUCKER_W2) or "lokr_w2" in roles:
-            continue
+    for module, roles in tucker.items():
         t2, w2_a, w2_b = (state_dict[roles[r]].float() for r in _TUCKER_W2)
         w2 = torch.einsum("i j k l, j r, i p -> p r k l", t2, w2_b, w2_a).contiguous()
         # With w2 given in full, ComfyUI scales by w1's rank (when w1 is low-rank) instead of w2's.

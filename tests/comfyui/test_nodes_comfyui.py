@@ -131,9 +131,20 @@ def test_core_loader_drops_text_encoder_keys_ours_applies(report, tag, fmt):
 
 @pytest.mark.parametrize("tag,fmt", [("sd15", "kohya_te1"), ("sd15", "peft"), ("sdxl", "kohya"), ("sdxl", "peft")])
 def test_core_loader_agrees_on_formats_it_maps(report, tag, fmt):
-    """Where ComfyUI maps the keys itself (kohya, PEFT `text_encoder.`/`text_encoder_2.`) both patch the same modules."""
+    """Where ComfyUI maps the keys itself (kohya, PEFT `text_encoder.`/`text_encoder_2.`) both patch the same
+    modules with the same patches (the node applies them itself, from the key map it matched with)."""
     r = report[f"te_{tag}_{fmt}"]
     assert r["core_not_loaded"] == 0 and r["core_clip_patches"] == r["clip_patches"], r
+    assert r["patches_equal_core"] is True
+
+
+@pytest.mark.parametrize("tag", ["sd15", "sdxl"])
+def test_unet_patches_equal_core_and_key_map_built_once(report, tag):
+    """On a kohya UNet LoRA the node's patches equal core load_lora_for_models' entry by entry (same weights,
+    strengths and adapter tensors), and ComfyUI's key map is built once a load (it was built twice:
+    once for matching, once inside load_lora_for_models)."""
+    assert report[f"lora_{tag}_kohya_patches_equal_core"] is True
+    assert report[f"lora_{tag}_kohya_key_map_builds"] == {"unet": 1, "clip": 0}
 
 
 def test_mixed_unet_and_text_encoder_lora(report):

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .unet_lora import ATTN_TARGETS, lora_file, lora_weights_for
+from .unet_lora import ATTN_TARGETS, lora_file, lora_weights_for, same_patches
 
 TE_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 TE_MLP = ("mlp.fc1", "mlp.fc2")
@@ -140,9 +140,11 @@ def te_format_check(run, model, clip, base_fp, tag, fmt, generator):
          "max_abs_delta": max(float((expected[k] - clip_sd[k].double()).abs().max()) for k in expected)}
     # ComfyUI's own loader on the same file, for contrast.
     run.clear_log()
-    _, core_clip = comfy.sd.load_lora_for_models(model, clip, dict(lora), 1.0, strength)
+    core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, dict(lora), 1.0, strength)
     r["core_not_loaded"] = run.count_log("lora key not loaded")
     r["core_clip_patches"] = len(core_clip.patcher.patches)
+    r["patches_equal_core"] = (same_patches(new_clip.patcher.patches, core_clip.patcher.patches)
+                               and same_patches(new_model.patches, core_model.patches))
     return r
 
 

@@ -68,6 +68,40 @@ def patched_weights(model_patcher, keys):
         comfy.model_management.unload_all_models()
 
 
+def same_patches(ours: dict, core: dict) -> bool:
+    """ModelPatcher.patches equal entry by entry: the same weight keys, strengths, offsets, functions, and
+    adapters of the same class holding equal tensors (what ComfyUI computes every patched weight from)."""
+    def same(a, b):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if hasattr(a, "weights") or hasattr(b, "weights"):  # comfy.weight_adapter adapters
+            return type(a) is type(b) and same(a.weights, b.weights)
+        return a == b
+    return ours.keys() == core.keys() and all(same(ours[k], core[k]) for k in core)
+
+
+def count_key_map_builds(fn):
+    """(fn(), calls of comfy.lora.model_lora_keys_unet / _clip during it)."""
+    import comfy.lora
+
+    calls = {"unet": 0, "clip": 0}
+    originals = comfy.lora.model_lora_keys_unet, comfy.lora.model_lora_keys_clip
+
+    def counted(kind, original):
+        def wrapper(*a, **kw):
+            calls[kind] += 1
+            return original(*a, **kw)
+        return wrapper
+    comfy.lora.model_lora_keys_unet = counted("unet", originals[0])
+    comfy.lora.model_lora_keys_clip = counted("clip", originals[1])
+    try:
+        return fn(), calls
+    finally:
+        comfy.lora.model_lora_keys_unet, comfy.lora.model_lora_keys_clip = originals
+
+
 ALL_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1")
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -85,10 +119,15 @@ def lora_checks(run, model, tag, formats):
         name = f"tiny_{tag}_{fmt}.safetensors"
         save_file(lora_file(weights, fmt, alpha), os.path.join(run.loras, name))
         run.clear_log()
-        out = M["HyperSDLoraLoader"].execute(model=model, release="none (use lora_name)", lora_name=name,
-                                             strength_model=strength, strength_clip=1.0, download_missing=False)
+        out, key_maps = count_key_map_builds(lambda: M["HyperSDLoraLoader"].execute(
+            model=model, release="none (use lora_name)", lora_name=name, strength_model=strength,
+            strength_clip=1.0, download_missing=False))
         new_model, info = out.result[0], out.result[7]
         not_loaded = run.count_log("lora key not loaded")
+        if fmt == "kohya":  # a format core maps itself: its patches must be the node's
+            core_model, _ = comfy.sd.load_lora_for_models(model, None, lora_file(weights, fmt, alpha), strength, 1.0)
+            run.results[f"lora_{tag}_kohya_patches_equal_core"] = same_patches(new_model.patches, core_model.patches)
+            run.results[f"lora_{tag}_kohya_key_map_builds"] = key_maps
         got = patched_weights(new_model, list(deltas))
         err = max(float((got[k] - (base[k] + strength * deltas[k])).abs().max()) for k in deltas)
         changed = sum(not torch.equal(got[k], base[k]) for k in deltas)
