@@ -249,8 +249,36 @@ def measure_loader(fn, model, clip, name, rss, patch_clip: bool) -> dict:
     return out
 
 
-def loader_bench(family: str, work: Path, rounds: int, rss_limit_gb: float) -> dict:
-    """Core and pack loader alternately (ABBA...), after one unrecorded call of each (file in page cache)."""
+def node_calls(loaders: dict, model, clip, name, rounds: int) -> dict:
+    """Node calls alone (no patching), alternating ABBA...: {loader: [{node_s, node_cpu_s}]}. Cheap enough
+    for the many rounds a stable ratio of two ~50-200 ms calls needs (one GC pass moves a call by 10+ ms)."""
+    runs = {k: [] for k in loaders}
+    for i in range(rounds):
+        for k in (list(loaders) if i % 2 == 0 else list(loaders)[::-1]):
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            new_model, new_clip = loaders[k](model, clip, name)
+            runs[k].append({"node_s": time.perf_counter() - t0, "node_cpu_s": time.thread_time() - c0})
+            del new_model, new_clip
+    return runs
+
+
+def spread_summary(runs: dict) -> dict:
+    """Median, quartiles and extremes of each loader's node time, and the ratio of the medians."""
+    out = {}
+    for k, rs in runs.items():
+        for m in ("node_s", "node_cpu_s"):
+            xs = sorted(r[m] for r in rs)
+            q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+            out.setdefault(k, {})[m] = {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": xs[0],
+                                        "max": xs[-1], "n": len(xs)}
+    ratio = {m: out["pack"][m]["median"] / out["core"][m]["median"] for m in ("node_s", "node_cpu_s")}
+    return {"per_loader": out, "pack_over_core_median": ratio}
+
+
+def loader_bench(family: str, work: Path, rounds: int, rss_limit_gb: float, node_rounds: int = 0) -> dict:
+    """Core and pack loader alternately (ABBA...), after one unrecorded call of each (file in page cache);
+    then ``node_rounds`` more alternating node calls without patching."""
     import logging
 
     from benchmarks.full_size_step import PeakRSS
@@ -276,8 +304,12 @@ def loader_bench(family: str, work: Path, rounds: int, rss_limit_gb: float) -> d
             before = len(not_loaded)
             runs[k].append(measure_loader(loaders[k], model, clip, name, rss, patch_clip))
             counts[k] = len(not_loaded) - before
-    return {"family": family, **loaded, "patch_clip": patch_clip, "runs": runs, "lora_key_not_loaded": counts,
-            "summary": loader_summary(runs)}
+    out = {"family": family, **loaded, "patch_clip": patch_clip, "runs": runs, "lora_key_not_loaded": counts,
+           "summary": loader_summary(runs)}
+    if node_rounds:
+        node_runs = node_calls(loaders, model, clip, name, node_rounds)
+        out["node_only"] = {"rounds": node_rounds, "runs": node_runs, "summary": spread_summary(node_runs)}
+    return out
 
 
 def loader_summary(runs: dict) -> dict:
@@ -348,7 +380,7 @@ def child(job: dict) -> dict:
     if job["kind"] == "build":
         return build_files(job["family"], work)
     if job["kind"] == "loaders":
-        return loader_bench(job["family"], work, job["rounds"], job["rss_limit_gb"])
+        return loader_bench(job["family"], work, job["rounds"], job["rss_limit_gb"], job.get("node_rounds", 0))
     return sampler_bench(job["family"], work, job["steps"], job["rss_limit_gb"])
 
 
@@ -368,6 +400,8 @@ def main(argv=None):
     ap.add_argument("--families", default="sd15,sdxl")
     ap.add_argument("--jobs", default="build,loaders,sampler")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--node-rounds", type=int, default=40,
+                    help="extra alternating node calls without patching, for a stable node-call ratio")
     ap.add_argument("--steps", type=int, default=2, help="sampling steps per timed KSampler call")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rss-limit-gb", type=float, default=14.0)
@@ -393,7 +427,8 @@ def run_plan(args) -> dict:
     result["machine"] = machine_description("cpu")
     result["comfyui"] = comfy_version(os.environ["COMFYUI_PATH"])
     base = {"comfy": os.environ["COMFYUI_PATH"], "work": args.work, "threads": args.threads,
-            "rss_limit_gb": args.rss_limit_gb, "rounds": args.rounds, "steps": args.steps}
+            "rss_limit_gb": args.rss_limit_gb, "rounds": args.rounds, "steps": args.steps,
+            "node_rounds": args.node_rounds}
     for kind in args.jobs.split(","):
         for family in args.families.split(","):
             if kind == "sampler" and family != "sdxl":
