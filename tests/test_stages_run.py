@@ -55,7 +55,7 @@ def test_one_command_runs_every_stage_type(pipeline):
     assert "reward" in metrics["stages"][2]["logs_start"] and "dmd_reg" in metrics["stages"][3]["logs_end"]
     log = [json.loads(line) for line in (pipeline / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
-    assert log[1]["adv_weight"] == 0.2 and "adv_d" in log[1]          # the adversarial term was on
+    assert log[1]["adv_weight"] == 0.02 and "adv_d" in log[1]          # the adversarial term was on
     assert "reward" in log[3] and "fake_loss" in log[4] and "dmd_reg" in log[4]
     files = sorted(p.name for p in (pipeline / "stages").iterdir())
     assert files == ["1_tscd.safetensors", "2_feedback.safetensors", "3_score_distill.safetensors"]

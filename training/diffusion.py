@@ -89,6 +89,14 @@ class DDIMGrid:
         bounds = self._bounds[segments]
         return bounds[torch.searchsorted(bounds, j, right=False) - 1]
 
+    def segment_top(self, j: torch.Tensor, segments: int) -> torch.Tensor:
+        """The upper end of j's segment (b, b']: the grid point a `segments`-step TCD sampler starts that
+        segment from (k = 4: 999, 759, 499, 259), so the student's input there is what sampling feeds it."""
+        self.boundary(j, segments)  # builds the boundary table
+        bounds = self._bounds[segments]
+        tops = torch.cat([bounds[1:], torch.full_like(bounds[:1], self.n)])
+        return tops[torch.searchsorted(bounds, j, right=False) - 1]
+
 
 def recommended_eta(steps: int) -> float:
     """TCD's eta for a Hyper-SD LoRA at `steps` steps: 1.0 at one step (Hyper-SD's advice for the unified
