@@ -1,7 +1,8 @@
 """Human-feedback stage (ReFL): climb a reward on images decoded from the student's one-step x0.
 
 Per batch: start from unit noise at t = 999, run the student (the earlier stage LoRAs active) without
-gradient along a trailing DDIM grid down to a random *late* grid step, then one student step with
+gradient along a trailing DDIM grid down to a random grid step (the last `late_fraction` of the grid; by
+default any, t = 999 included: the start of a 1-step sample), then one student step with
 gradient predicts x0, the VAE decodes it, the reward scores it and the loss is mean(ReLU(alpha -
 reward)) (rewards above alpha no longer pull). Only the stage's own LoRA adapter trains, so it is
 exported as a separate LoRA and merged later.
