@@ -81,21 +81,24 @@ class DDIMGrid:
         """UNet timestep of grid point j (>= 1); j = 0 is clamped (its prediction is never used)."""
         return self.timesteps[(j - 1).clamp(min=0)]
 
-    def boundary(self, j: torch.Tensor, segments: int) -> torch.Tensor:
-        """The lower boundary of j's segment: the largest boundary index below j (segments are (b, b'])."""
+    def _segment(self, j: torch.Tensor, segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ascending boundary indices, position of j's segment among them): segments are (b, b']."""
         if segments not in self._bounds:
             bounds = segment_boundaries(segments, self.n, self.num_train_timesteps)
             self._bounds[segments] = torch.tensor(bounds, device=j.device)
         bounds = self._bounds[segments]
-        return bounds[torch.searchsorted(bounds, j, right=False) - 1]
+        return bounds, torch.searchsorted(bounds, j, right=False) - 1
+
+    def boundary(self, j: torch.Tensor, segments: int) -> torch.Tensor:
+        """The lower boundary of j's segment: the largest boundary index below j."""
+        bounds, seg = self._segment(j, segments)
+        return bounds[seg]
 
     def segment_top(self, j: torch.Tensor, segments: int) -> torch.Tensor:
         """The upper end of j's segment (b, b']: the grid point a `segments`-step TCD sampler starts that
         segment from (k = 4: 999, 759, 499, 259), so the student's input there is what sampling feeds it."""
-        self.boundary(j, segments)  # builds the boundary table
-        bounds = self._bounds[segments]
-        tops = torch.cat([bounds[1:], torch.full_like(bounds[:1], self.n)])
-        return tops[torch.searchsorted(bounds, j, right=False) - 1]
+        bounds, seg = self._segment(j, segments)
+        return torch.cat([bounds[1:], torch.full_like(bounds[:1], self.n)])[seg]
 
 
 def recommended_eta(steps: int) -> float:
