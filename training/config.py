@@ -95,10 +95,8 @@ class StageConfig:
 
 
 def _default_stages():
-    """The stage groups in order, sized for a 2-core CPU (docs/training.md, "Measured"): ~2 min, and the
-    unified LoRA draws the shapes task's captions at 1, 2, 4 and 8 steps. TSCD at 2 and 1 segments runs
-    without the adversarial term here: on this task the term (with a discriminator that learns) lowered
-    1-step accuracy 0.992 -> 0.898 (weights 0.01 / 0.02) and 0.922 (0.005 / 0.01)."""
+    """The stage groups in order, sized for a 2-core CPU (docs/training.md, "Measured"). TSCD at 2 and 1
+    segments runs without the adversarial term: on this task it lowered 1-step accuracy (docs/stages.md)."""
     tscd = [StageConfig(segments=8, steps=80), StageConfig(segments=4, steps=80)]
     low = [StageConfig(segments=2, steps=100), StageConfig(segments=1, steps=120)]
     feedback = StageConfig(type="feedback", segments=1, steps=40,
