@@ -29,9 +29,12 @@ def _axes(draw, box, title, top, log):
     for s in STEPS:
         draw.text((px(s) - 3, y1 + 2), str(s), fill=BLACK)
     draw.text(((x0 + x1) / 2 - 15, y1 + 14), "steps", fill=BLACK)
-    for frac in (0, 0.5, 1):
-        label = f"{10 ** (top * frac) - 1:.0f}" if log else f"{top * frac:.2f}"
-        draw.text((x0 - 44, py(top * frac) - 5), label, fill=BLACK)
+    # log axis: ticks at 0 and the powers of ten, so a reader can read values off it (log10(1 + v))
+    ticks = [math.log10(1 + 10 ** k) for k in range(1, int(top) + 1) if math.log10(1 + 10 ** k) <= top] if log else []
+    for v in ([0.0] + ticks) if log else (0, top / 2, top):
+        label = f"{10 ** v - 1:.0f}" if log else f"{v:.2f}"
+        draw.text((x0 - 44, py(v) - 5), label, fill=BLACK)
+        draw.line((x0, py(v), x0 + 4, py(v)), fill=BLACK)
     return px, py
 
 
