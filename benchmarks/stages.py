@@ -114,12 +114,16 @@ def engine_config(stages: list[dict], *, seed: int, rank: int, lr: float, batch:
 
 
 def run_key(cfg, cache_root: Path) -> str:
-    """Hash of the run's config; paths inside the cache (init LoRA, reward weights) count by their name
-    under the cache, so a moved cache still hits."""
+    """Hash of the run's config with every stage's params resolved over its defaults; paths inside the
+    cache (init LoRA, reward weights) count by their name under it, so a moved cache still hits."""
     from training.config import to_dict
+
+    from training.stages import get_stage
 
     tree = to_dict(cfg)
     tree["output"]["dir"] = ""
+    # resolved params: a changed stage default retrains the runs that use it instead of reusing them
+    tree["stages"] = [{**st, "params": get_stage(s.type).resolved(s)} for st, s in zip(tree["stages"], cfg.stages)]
     text = json.dumps(tree, sort_keys=True).replace(str(cache_root), "<cache>")
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 

@@ -172,3 +172,19 @@ def test_attribute_reward_reads_captions_and_is_differentiable(tmp_path):
     vae = stages.PixelVAE()
     px = torch.randn(1, 3, 16, 16)
     assert vae.encode(px).latent_dist.mean is px and vae.decode(px).sample is px
+
+
+def test_run_key_changes_with_a_stage_default(tmp_path, monkeypatch):
+    """The cache key holds each stage's resolved params: a changed default in the stage code retrains the
+    runs that use it instead of reusing runs trained under the old default."""
+    from benchmarks import stages
+    from training.config import load_config
+    from training.stages import get_stage
+
+    cfg = load_config(None, [])  # the default plan has a feedback stage
+    before = stages.run_key(cfg, tmp_path)
+    feedback = get_stage("feedback")
+    monkeypatch.setattr(feedback, "params", {**feedback.params, "grad_scale": 0.5})
+    assert stages.run_key(cfg, tmp_path) != before
+    monkeypatch.undo()
+    assert stages.run_key(cfg, tmp_path) == before

@@ -311,7 +311,7 @@ def test_feedback_defaults_train_the_one_step_start_and_hold_the_student():
     stops = {late_stop(p["steps"], p["late_fraction"], u / 100) for u in range(100)}
     assert stops == set(range(p["steps"])) and 0 in stops
     assert {late_stop(4, 0.5, u / 100) for u in range(100)} == {2, 3}
-    assert p["reg_weight"] > 0 and p["grad_scale"] / p["reg_weight"] <= 0.1
+    assert p["reg_weight"] > 0 and p["grad_scale"] / p["reg_weight"] <= 0.1 and p["anchor_start"]
 
 
 def test_feedback_regulariser_holds_the_student_near_the_previous_stage(harness):
@@ -349,6 +349,48 @@ def test_feedback_regulariser_holds_the_student_near_the_previous_stage(harness)
         drift[reg_weight] = module.loss(ctx, batch, stage_probe)[1]["feedback_reg"]
     print("feedback drift from the previous stage (MSE of x0):", drift)
     assert drift[50.0] < 0.5 * drift[0.0], drift
+    with torch.no_grad():
+        for p, s in zip(params["feedback"], start):
+            p.copy_(s)
+
+
+def test_feedback_start_anchor_holds_the_one_step_sample(harness):
+    """anchor_start: when the reward trains a late stop step, the 1-step x0 (t = 999) is also tied to the
+    earlier stages'; after the same steps its drift there is smaller than without the anchor."""
+    from training.config import StageConfig
+    from training.stages import get_stage
+    from training.stages.base import EpsModel
+    from training.stages.feedback import start_anchor
+
+    ctx, stages, params, batch = harness
+    module = get_stage("feedback")
+    ctx.student = ctx.unet
+    start = [p.detach().clone() for p in params["feedback"]]
+    fresh = {id(p): torch.zeros_like(p) if ".lora_B." in n else p.detach().clone()
+             for n, p in ctx.unet.named_parameters() if ".feedback." in n}
+    drift = {}
+    for anchor in (False, True):
+        with torch.no_grad():
+            for p in params["feedback"]:
+                p.copy_(fresh[id(p)])
+        # late_fraction 0.25 of a 4-step grid: the stop step is always t = 249, never the 1-step start
+        stage = StageConfig(type="feedback", segments=1, steps=6, params={
+            **PARAMS["feedback"], "alpha": 10.0, "grad_scale": 1.0, "reg_weight": 1.0, "late_fraction": 0.25,
+            "anchor_start": anchor})
+        ctx.adapters.use(["default", "feedback"], ["feedback"])
+        ctx.state, ctx.step, ctx.stage_start, ctx.stage_index = {}, 0, 0, 0
+        module.setup(ctx, stage)
+        opt = torch.optim.Adam(params["feedback"], lr=3e-3)
+        for _ in range(stage.steps):
+            loss, log = module.loss(ctx, batch, stage)
+            assert log["stop_t"] == 249
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            drift[anchor] = float(start_anchor(ctx, EpsModel(ctx.student, ctx.abar, ctx.prediction_type), batch))
+    print("1-step drift from the previous stage (MSE of x0 at t = 999):", drift)
+    assert drift[True] < 0.5 * drift[False], drift
     with torch.no_grad():
         for p, s in zip(params["feedback"], start):
             p.copy_(s)

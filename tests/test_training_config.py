@@ -76,6 +76,8 @@ FB = {"type": "feedback", "segments": 1, "steps": 1}
      r"stages\[1\]\.params\.reward", "did you mean 'laion_aesthetic'"),
     ([{"segments": 8, "steps": 1}, {**FB, "params": {"reward_weights": "/nonexistent/reward.safetensors"}}],
      r"stages\[1\]\.params\.reward_weights", "/nonexistent/reward.safetensors"),
+    ([{"segments": 8, "steps": 1}, {**FB, "params": {"anchor_start": "no"}}],
+     r"stages\[1\]\.params\.anchor_start", "true or false"),
     ([{"type": "adversarial", "segments": 8, "steps": 1, "params": {"adv_weight": {"8": 1}}}],
      r"stages\[0\]\.params\.adv_weight", "did you mean 'adv_weights'"),
     ([{"type": "adversarial", "segments": 6, "steps": 1}], r"stages\[0\]\.params\.adv_weights", "6 segments"),

@@ -4,8 +4,9 @@ Per batch: start from unit noise at t = 999, run the student (the earlier stage 
 gradient along a trailing DDIM grid down to a random grid step (the last `late_fraction` of the grid; by
 default any, t = 999 included: the start of a 1-step sample), then one student step with
 gradient predicts x0, the VAE decodes it, the reward scores it and the loss is mean(ReLU(alpha -
-reward)) (rewards above alpha no longer pull). Only the stage's own LoRA adapter trains, so it is
-exported as a separate LoRA and merged later.
+reward)) (rewards above alpha no longer pull), plus the regulariser toward the earlier stages at that
+step and (anchor_start) at t = 999. Only the stage's own LoRA adapter trains, so it is exported as a
+separate LoRA and merged later.
 """
 from __future__ import annotations
 
@@ -80,10 +81,11 @@ def reward_options(p: dict) -> dict:
 class Feedback(Stage):
     name = "feedback"
     # late_fraction 1.0 (the stop step may be t = 999, where a 1-step sample starts), grad_scale 0.03 with
-    # reg_weight 1.0: measured on the quality benchmark's task (docs/stages.md, "feedback"): 0.5 / 1.0 / 0
-    # broke 1-step sampling (align 0.670 -> 0.443).
+    # reg_weight 1.0, anchor_start: measured on the quality benchmark's task (docs/stages.md, "feedback"):
+    # 0.5 / 1.0 / 0 broke 1-step sampling (align 0.670 -> 0.443); without the anchor one seed in three
+    # collapsed at 1 step (0.453).
     params = {"lr": 0.0, "reward": "tiny", "reward_weights": "", "reward_options": {}, "alpha": 1.0, "steps": 4,
-              "late_fraction": 1.0, "grad_scale": 0.03, "reg_weight": 1.0}
+              "late_fraction": 1.0, "grad_scale": 0.03, "reg_weight": 1.0, "anchor_start": True}
 
     def check_params(self, p, stage, key):
         import difflib
@@ -104,6 +106,8 @@ class Feedback(Stage):
         if float(p["grad_scale"]) <= 0 or float(p["reg_weight"]) < 0:
             raise ValueError(f"config key '{key}.grad_scale' / '{key}.reg_weight': need grad_scale > 0 and "
                              f"reg_weight >= 0, got {p['grad_scale']}, {p['reg_weight']}")
+        if not isinstance(p["anchor_start"], bool):
+            raise ValueError(f"config key '{key}.anchor_start': expected true or false, got {p['anchor_start']!r}")
         if int(p["steps"]) < 1 or not 0 < float(p["late_fraction"]) <= 1:
             raise ValueError(f"config key '{key}.steps' / '{key}.late_fraction': need steps >= 1 and "
                              f"0 < late_fraction <= 1, got {p['steps']}, {p['late_fraction']}")
@@ -144,9 +148,18 @@ class Feedback(Stage):
         reg = x0.new_zeros(())
         if float(p["reg_weight"]) > 0:
             reg = F.mse_loss(x0.float(), previous_stage_x0(ctx, x_t, tt, batch["cond"]).float())
+            if p["anchor_start"] and stop > 0:
+                reg = reg + start_anchor(ctx, student, batch)
         loss = float(p["grad_scale"]) * hinge + float(p["reg_weight"]) * reg
         return loss, {"feedback_loss": float(hinge.detach()), "reward": float(r.detach().float().mean()),
                       "feedback_reg": float(reg.detach()), "stop_t": int(tt[0])}
+
+
+def start_anchor(ctx, student, batch):
+    """MSE of the 1-step x0 (from the batch's noise at t = 999) to the earlier stages' x0 there."""
+    x_t, tt = late_x(student, batch["noise"], batch["cond"], ctx.abar, 0, 1)
+    x0 = one_step_x0(student, x_t, tt, batch["cond"], ctx.abar)
+    return F.mse_loss(x0.float(), previous_stage_x0(ctx, x_t, tt, batch["cond"]).float())
 
 
 @torch.no_grad()
