@@ -117,7 +117,6 @@ def run_key(cfg, cache_root: Path) -> str:
     """Hash of the run's config with every stage's params resolved over its defaults; paths inside the
     cache (init LoRA, reward weights) count by their name under it, so a moved cache still hits."""
     from training.config import to_dict
-
     from training.stages import get_stage
 
     tree = to_dict(cfg)
