@@ -105,6 +105,8 @@ def train_students(cfg, cache: Path, task, teacher, reward_weights: Path) -> dic
     folders = {}
     for seed in cfg["seeds"]:
         for row, plan in plans.row_runs(cfg, str(reward_weights)).items():
+            if row not in cfg.get("rows", plans.ROWS):
+                continue
             init = str(folders[("tscd", seed)] / "stages" / "1_tscd.safetensors") if row in plans.ON_TSCD else ""
             ecfg = stages.engine_config(plan["stages"], seed=seed, rank=plan["rank"], lr=plan["lr"],
                                         batch=cfg["distill_batch"], warmup=cfg["warmup_steps"],
@@ -220,14 +222,17 @@ def summarise(rows) -> list:
     return out
 
 
-def run(cfg, cache: Path, out_dir: Path, quick: bool):
+def run(cfg, cache: Path, out_dir: Path, quick: bool, tag: str | None = None):
+    """Train (or load) and evaluate every row of cfg["rows"] (default: all) for cfg["seeds"]; writes
+    quality_<tag>.* (tag default: "quick" / "full")."""
     t_start = time.time()
     task = Task(cfg)
-    tag = "quick" if quick else "full"
+    mode = "quick" if quick else "full"
+    tag = tag or mode
     load_start = os.getloadavg()
     # Key the cache by the config so a changed budget never reuses stale models: the directory by the
     # teacher's config (+ architecture version), each file by the keys it depends on.
-    cache = cache / f"{tag}-{cfg_hash(cfg, TEACHER_KEYS)}-{ARCH}"
+    cache = cache / f"{mode}-{cfg_hash(cfg, TEACHER_KEYS)}-{ARCH}"
     clf, reward_path, clf_acc = train_classifiers(cfg, task, cache)
     teacher = cached_model(cache / "teacher.safetensors", lambda: train_teacher(task, cfg), make_unet)
     folders = train_students(cfg, cache, task, teacher, reward_path)
@@ -235,7 +240,7 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
     rows, samples, real_check = evaluate_rows(cfg, task, clf, teacher, folders)
     names = {**plans.ROWS, "snapshot": {k: plans.snapshot_label(k) for k in plans.SNAPSHOTS}}
     result = {
-        "benchmark": "quality", "mode": tag, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "benchmark": "quality", "mode": mode, "tag": tag, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "machine": machine_info(), "train_or_load_s": round(t_train, 1), "total_s": round(time.time() - t_start, 1),
         "classifier_on_real_eval_images": real_check, "classifier_heldout_accuracy": clf_acc,
         "train_seconds": dict(TRAIN_SECONDS), "load_average_start": load_start, "load_average_end": os.getloadavg(),
@@ -252,6 +257,33 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool):
     return result
 
 
+def seed_list(text: str) -> tuple:
+    """"9-14" or "3,4,5" -> a tuple of training seeds."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds as 9-14 or 3,4,5, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return tuple(seeds)
+
+
+def row_list(text: str) -> tuple:
+    """Row ids (benchmarks/plans.py) -> the rows to run, with the rows they need: tscd under every row
+    built on it, the control beside the later stages (their claims compare with it)."""
+    rows = {r.strip() for r in text.split(",") if r.strip()}
+    unknown = sorted(rows - set(plans.ROWS))
+    if unknown or not rows:
+        raise argparse.ArgumentTypeError(f"unknown row(s) {unknown or text!r}; expected some of {list(plans.ROWS)}")
+    if rows & set(plans.ON_TSCD):
+        rows |= {"tscd", "control"} if rows & {"adversarial", "feedback", "dmd"} else {"tscd"}
+    return tuple(r for r in plans.ROWS if r in rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny budgets, smoke test (< 2 min)")
@@ -259,10 +291,18 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("HYPERSD_BENCH_THREADS", "0")) or None,
                     help="torch threads (default: all cores; 1 is faster on a machine shared with other jobs)")
+    ap.add_argument("--seeds", type=seed_list, help="training seeds, e.g. 9-14 (default: 3-5; --quick: 0,1)")
+    ap.add_argument("--rows", type=row_list, help="comma-separated row ids to run (default: all); tscd and the "
+                    f"control are added where needed; ids: {', '.join(plans.ROWS)}")
+    ap.add_argument("--tag", help="name of the outputs, quality_<tag>.* (default: full, or quick)")
     args = ap.parse_args(argv)
+    if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
+        ap.error(f"--tag: expected letters, digits, - or _, got {args.tag!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(QUICK if args.quick else FULL, args.cache, args.out, args.quick)
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg.update({k: v for k, v in (("seeds", args.seeds), ("rows", args.rows)) if v})
+    run(cfg, args.cache, args.out, args.quick, args.tag)
 
 
 if __name__ == "__main__":

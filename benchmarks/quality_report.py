@@ -95,10 +95,12 @@ def claim_charts(result, out_dir: Path, tag: str):
     }
     for key, row, metrics in (("c", "feedback", ("align", "fd")), ("d", "dmd", ("fd", "align")),
                               ("e", "adversarial", ("align", "fd"))):
+        if key not in result["claims"]:
+            continue
         charts[key] = (result["claims"][key]["claim"] + " (recommended eta)", [
             {"title": "FD (log scale)" if m == "fd" else m, "ymax": 1.0 if m == "align" else None, "log": m == "fd",
              "series": {x: series(summ, x, m, rec) for x in (r[row], r["control"], r["tscd"])}} for m in metrics])
-    for key, (title, panels) in charts.items():
+    for key, (title, panels) in ((k, v) for k, v in charts.items() if k in result["claims"]):
         claim_chart(out_dir / f"quality_{tag}_claim_{key}.png", title, panels,
                     note=f"verdict: {result['claims'][key]['verdict']}; mean over seeds {result['seeds']}, bars +-1 sd")
 

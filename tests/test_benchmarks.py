@@ -49,6 +49,38 @@ def test_frechet_distance_zero_for_same_and_positive_for_shifted():
     assert evaluate.frechet_distance(f, f + 1.0) > 7.5  # |mu shift|^2 = 8
 
 
+def test_quality_subset_of_rows_and_seeds(tmp_path):
+    """--rows / --seeds / --tag: only the named rows (plus TSCD under them and the control beside them) are
+    trained, only the claims those rows can test are made, and the outputs carry the tag."""
+    quality.main(["--quick", "--threads", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                  "--rows", "feedback", "--seeds", "2-3", "--tag", "sub"])
+    result = json.loads((tmp_path / "out" / "quality_sub.json").read_text())
+    assert result["seeds"] == [2, 3] and result["tag"] == "sub" and result["mode"] == "quick"
+    assert {r["row"] for r in result["rows"]} == {"teacher", "tscd", "tscd_k2", "control", "feedback"}
+    assert {r["seed"] for r in result["rows"] if r["row"] == "feedback"} == {2, 3}
+    assert list(result["claims"]) == ["c"] and result["claims"]["c"]["mean_over_steps"]["seeds"] == [2, 3]
+    assert (tmp_path / "out" / "quality_sub_claim_c.png").stat().st_size > 0
+    assert not list((tmp_path / "out").glob("quality_sub_claim_[abde].png"))
+    assert list((tmp_path / "cache").glob("quick-*/teacher.safetensors"))  # the cache is keyed by mode, not tag
+
+
+@pytest.mark.parametrize("args, message", [(["--rows", "feedbak"], "unknown row"), (["--seeds", "5-3"], "distinct seeds"),
+                                           (["--seeds", "x"], "expected seeds"), (["--tag", "a/b"], "--tag")])
+def test_quality_bad_arguments_exit_2(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--quick", "--out", str(tmp_path), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written before the arguments are checked
+
+
+def test_paired_t_critical_value_by_seed_count():
+    from benchmarks.claims import paired
+    a = {s: 1.0 + 0.01 * (s % 3) for s in range(12)}
+    b = {s: 1.0 for s in range(12)}
+    p = paired(a, b)
+    assert p["t_crit"] == 1.796 and p["verdict"] == "supported"  # df 11, not the normal 1.645
+
+
 def test_quality_quick_end_to_end(tmp_path):
     quality.main(["--quick", "--threads", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "quality_quick.json").read_text())
