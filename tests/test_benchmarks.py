@@ -220,3 +220,44 @@ def test_run_key_changes_with_a_stage_default(tmp_path, monkeypatch):
     assert stages.run_key(cfg, tmp_path) != before
     monkeypatch.undo()
     assert stages.run_key(cfg, tmp_path) == before
+
+
+def _quality_result(seeds, gain, config=None):
+    """A minimal quality_<tag>.json: control and feedback rows at 1/2/4/8 steps, recommended eta."""
+    from training.diffusion import recommended_eta
+    rows = [{"model": "teacher DDIM + CFG", "row": "teacher", "seed": None, "steps": 25, "eta": 0.0, "align": 0.9,
+             "fd": 700.0}]
+    for seed in seeds:
+        for row, extra in (("control", 0.0), ("feedback", gain + 0.001 * seed)):
+            rows += [{"model": plans.ROWS[row], "row": row, "seed": seed, "steps": s, "eta": recommended_eta(s),
+                      "align": 0.7 + extra, "fd": 500.0} for s in (1, 2, 4, 8)]
+    return {"benchmark": "quality", "config": {"seeds": list(seeds), "n_eval": 64, **(config or {})}, "rows": rows}
+
+
+def test_pool_tests_claims_over_the_seeds_of_several_runs(tmp_path, capsys):
+    from benchmarks import pool
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_quality_result((3, 4), 0.01)))
+    b.write_text(json.dumps(_quality_result((9, 10, 11), 0.01)))
+    pooled = pool.pool([a, b])
+    c = pooled["claims"]["c"]["mean_over_steps"]
+    assert pooled["seeds"] == [3, 4, 9, 10, 11] and sorted(c["seeds"]) == [3, 4, 9, 10, 11]
+    assert c["verdict"] == "supported" and c["seeds_agreeing"] == 5 and list(pooled["claims"]) == ["c"]
+    assert pool.main([str(a), str(b)]) == 0 and "**supported**" in capsys.readouterr().out
+    # each file alone has fewer seeds: the pooled t is the one a single run with all five seeds gives
+    assert pool.pool([a])["claims"]["c"]["mean_over_steps"]["t_crit"] == 6.314
+
+
+@pytest.mark.parametrize("second, message", [
+    (_quality_result((4, 5), 0.01), "also in"),                                # a seed in both runs
+    (_quality_result((9,), 0.01, {"n_eval": 32}), "differs from"),               # another task / budget
+    ({"benchmark": "speed", "rows": []}, "not a quality benchmark result"),
+])
+def test_pool_refuses_runs_it_cannot_pool(second, message, tmp_path, capsys):
+    from benchmarks import pool
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_quality_result((3, 4), 0.01)))
+    b.write_text(json.dumps(second))
+    assert pool.main([str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(b) in err
