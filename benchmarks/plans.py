@@ -37,6 +37,11 @@ def snapshot_label(k: int) -> str:
     return f"TSCD k={k} LoRA (at its {k} steps)"
 
 
+def claim_names() -> dict:
+    """Row id -> model label, plus TSCD's snapshot labels: how benchmarks/claims.py finds each row."""
+    return {**ROWS, "snapshot": {k: snapshot_label(k) for k in SNAPSHOTS}}
+
+
 def later_stage_params(cfg, reward_weights: str) -> dict:
     """The feedback and DMD stage params: the product's defaults (training/config.py's default plan) but
     for the benchmark's reward and teacher CFG, and the benchmark's stage lr (a fresh stage LoRA)."""

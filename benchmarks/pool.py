@@ -58,7 +58,7 @@ def pooled_rows(results: dict) -> list:
 def pool(paths: list[Path]) -> dict:
     results = {str(p): load_result(p) for p in paths}
     rows = pooled_rows(results)
-    names = {**plans.ROWS, "snapshot": {k: plans.snapshot_label(k) for k in plans.SNAPSHOTS}}
+    names = plans.claim_names()
     steps = tuple(next(iter(results.values()))["config"].get("steps", claims.STEPS))
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     return {"files": list(results), "seeds": seeds, "claims": claims.all_claims(rows, names, steps)}

@@ -238,7 +238,7 @@ def run(cfg, cache: Path, out_dir: Path, quick: bool, tag: str | None = None):
     folders = train_students(cfg, cache, task, teacher, reward_path)
     t_train = time.time() - t_start
     rows, samples, real_check = evaluate_rows(cfg, task, clf, teacher, folders)
-    names = {**plans.ROWS, "snapshot": {k: plans.snapshot_label(k) for k in plans.SNAPSHOTS}}
+    names = plans.claim_names()
     result = {
         "benchmark": "quality", "mode": mode, "tag": tag, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "machine": machine_info(), "train_or_load_s": round(t_train, 1), "total_s": round(time.time() - t_start, 1),
