@@ -109,12 +109,16 @@ def test_shipped_configs_run_every_stage_type():
 
 
 def test_default_plan_uses_the_stage_fixes():
-    """The embedded default: DMD2's update ratio, a feedback reward with a reachable alpha and a regulariser,
-    TSCD boundaries on the TCD grid; no adversarial term (it lowered the default task's 1-step accuracy)."""
+    """The embedded default: DMD2's update ratio at the lr that lets DMD move the 1-step samples, a feedback
+    reward with a reachable alpha and a regulariser, TSCD boundaries on the TCD grid; no adversarial term
+    (it lowered the default task's 1-step accuracy)."""
     cfg = load_config(None, [])
     by_type = {s.type: s for s in cfg.stages}
     assert set(by_type) == {"tscd", "feedback", "score_distill"}
     assert by_type["score_distill"].params["gen_every"] >= 5
+    # DMD at optim.lr: at 1e-4 its 12 generator updates left the 1-step samples where they were (dmd_latent)
+    from training.engine.setup import group_lr
+    assert group_lr(cfg, "score_distill") == cfg.optim.lr == 1e-3
     fb = by_type["feedback"].params
     assert fb["reward"] == "attributes" and fb["alpha"] <= 0 and fb["reg_weight"] > 0 and fb["lr"] < cfg.optim.lr
     assert cfg.tscd.num_ddim_timesteps == 50 and cfg.output.sample_eta == -1

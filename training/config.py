@@ -101,8 +101,8 @@ def _default_stages():
     low = [StageConfig(segments=2, steps=100), StageConfig(segments=1, steps=120)]
     feedback = StageConfig(type="feedback", segments=1, steps=40,
                            params={"reward": "attributes", "alpha": -0.05, "reg_weight": 1.0, "lr": 1e-4})
-    dmd = StageConfig(type="score_distill", segments=1, steps=60,
-                      params={"lr": 1e-4, "guidance": 5.0, "gen_every": 5, "reg_weight": 1.0})
+    dmd = StageConfig(type="score_distill", segments=1, steps=60,  # lr: optim.lr (docs/stages.md, dmd_latent)
+                      params={"guidance": 5.0, "gen_every": 5, "reg_weight": 1.0})
     return tscd + low + [feedback, dmd]
 
 
