@@ -473,3 +473,19 @@ def test_a_failed_run_removes_only_what_it_started(tmp_path, started, before, ke
         expected = sorted(kept + ([MARKER] if kept else []))
         assert sorted(os.listdir(out)) == expected and str(e.value).startswith("data.source: bad")
         assert ("--resume latest continues" in str(e.value)) == ("checkpoints" in kept)
+
+
+def test_the_summary_goes_to_the_current_stdout(monkeypatch):
+    """print_summary writes to sys.stdout as it is when called: a default bound at import wrote to a stream
+    a test runner had since closed ('I/O operation on closed file' when an earlier test imported it)."""
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    from training.config import TrainConfig
+    from training.engine.report import print_summary
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    print_summary(SimpleNamespace(cfg=TrainConfig(), out_dir="/runs/x"), {"steps": 2, "train_seconds": 1.0, "merge": {"rank": 8}})
+    assert "Done: 2 steps in 1 s. Outputs in /runs/x/" in out.getvalue() and "How to use it:" in out.getvalue()

@@ -41,7 +41,9 @@ def _row(scores, teacher_images, steps, eta, guidance):
     return row
 
 
-def print_summary(run, metrics: dict, stream=sys.stdout) -> None:
+def print_summary(run, metrics: dict, stream=None) -> None:
+    """The end-of-run summary on `stream` (default: sys.stdout as it is now, not as it was at import: a
+    test runner or a notebook may have swapped it since)."""
     out, d = run.cfg.output, run.out_dir
     lines = [f"\nDone: {metrics['steps']} steps in {metrics['train_seconds']:.0f} s. Outputs in {d}/",
              f"  {out.name}.safetensors  the unified LoRA (kohya format, rank {metrics['merge']['rank']}): "
@@ -56,7 +58,7 @@ def print_summary(run, metrics: dict, stream=sys.stdout) -> None:
     lines.append("  metrics.json, log.jsonl, checkpoints/")
     lines += _quality_lines(metrics.get("quality"))
     lines += _usage_lines(run, metrics)
-    print("\n".join(lines), file=stream, flush=True)
+    print("\n".join(lines), file=stream or sys.stdout, flush=True)
 
 
 def _quality_lines(q):
