@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -75,30 +73,20 @@ def continuation_config(seed: int, init_lora: str, arm: str, steps: int, dmd_par
 
 
 def cached_run(cfg, cache: Path, name: str) -> Path:
-    """The unified LoRA of the engine run of `cfg` (trained once per config, then read from the cache)."""
-    from training.engine import run_training
+    """The unified LoRA of the engine run of `cfg`, trained once per config (benchmarks/stages.train_run's
+    cache: keyed by the config with stage params resolved; the tiny default base and data)."""
+    from benchmarks.stages import train_run
 
     cfg.output.teacher_steps = 0  # the run's own quality report: this benchmark evaluates with more samples
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    cfg.output.dir = str(cache / f"{name}-{key}")
-    lora = Path(cfg.output.dir) / f"{cfg.output.name}.safetensors"
-    if not lora.is_file():
-        log(f"training {name} ({cfg.total_steps} steps) -> {cfg.output.dir}")
-        run_training(cfg, overwrite=True, show_bar=False, summary=False)
-    return lora
+    folder, _ = train_run(cfg, name, cache, lambda: None, None, log=log)
+    return folder / f"{cfg.output.name}.safetensors"
 
-
-# --- evaluation --------------------------------------------------------------------------------------
 
 def lora_unet(base, lora: Path):
-    """A copy of the teacher UNet with the LoRA file active (what ComfyUI / diffusers would load)."""
-    from training.lora_files.kohya import load_kohya
-    from training.models.adapters import add_kohya_adapter
+    """The teacher UNet with the LoRA file active (what ComfyUI / diffusers would load)."""
+    from benchmarks.evaluate import lora_student
 
-    unet = copy.deepcopy(base.unet)
-    add_kohya_adapter(unet, "student", load_kohya(str(lora)), str(lora))
-    unet.set_adapter("student")
-    return unet.requires_grad_(False).eval()
+    return lora_student(base.unet, lambda: copy.deepcopy(base.unet), lora)
 
 
 def features(clf, images):
