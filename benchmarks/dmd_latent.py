@@ -34,7 +34,6 @@ from benchmarks.report import RESULTS, log, machine_info, write_atomic_text
 STEPS = (1, 2, 4, 8)
 EVAL_SEEDS = range(16)      # noise seeds; x the task's 8 captions = 128 samples a row
 GT_SEED = 2000              # ground-truth renders (the classifier trains on RENDER_SEED + 0)
-TEACHER = dict(steps=25, guidance=3.0)   # the run's own teacher column (output.teacher_steps / guidance)
 ARMS = ("prefix", "control", "dmd")
 # the pre-registered claims: (metric, steps); lower is better for both FDs, higher for accuracy
 CLAIMS = {"fd_teacher_1": ("fd_teacher", 1), "fd_teacher_4": ("fd_teacher", 4), "fd_gt_1": ("fd_gt", 1)}
@@ -112,10 +111,12 @@ def evaluate_arm(base, unet, clf, references) -> dict:
 def references(base, clf) -> dict:
     """Classifier features of the teacher's 25-step CFG samples (same captions and noise as every arm) and of
     ground-truth renders; and the teacher's accuracy."""
+    from training.config import OutputConfig
     from training.evaluate import sample_accuracy
     from training.models.attributes import render_set
 
-    t = sample_accuracy(base, steps=TEACHER["steps"], guidance=TEACHER["guidance"], seeds=EVAL_SEEDS,
+    column = OutputConfig()  # the run's own teacher column: output.teacher_steps / teacher_guidance
+    t = sample_accuracy(base, steps=column.teacher_steps, guidance=column.teacher_guidance, seeds=EVAL_SEEDS,
                         classifier=clf, return_images=True)
     gt, _ = render_set(len(t["images"]), GT_SEED)
     return {"teacher": features(clf, t["images"]), "gt": features(clf, gt), "teacher_accuracy": float(t["mean"])}
@@ -207,14 +208,15 @@ def main(argv=None):
     from training.stages import score_distill
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=seed_list, default=(3, 4, 5, 6), help="training seeds (default 3-6)")
+    ap.add_argument("--seeds", type=seed_list, default=tuple(range(7, 13)),
+                    help="training seeds (default 7-12: the committed pre-registered held-out run)")
     ap.add_argument("--steps", type=int, default=60, help="the DMD stage's steps, and the control's (default 60)")
     ap.add_argument("--param", type=param_pair, action="append", default=[],
                     help="a DMD stage param override, e.g. gen_every=5 (repeatable)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("HYPERSD_BENCH_CACHE", "~/.cache/hypersd-bench")).expanduser())
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    ap.add_argument("--tag", default="default", help="name of the outputs, dmd_latent_<tag>.* (default: default)")
+    ap.add_argument("--tag", default="heldout", help="name of the outputs, dmd_latent_<tag>.* (default: heldout)")
     args = ap.parse_args(argv)
     if not args.tag.replace("-", "").replace("_", "").isalnum():
         ap.error(f"--tag: expected letters, digits, - or _, got {args.tag!r}")
