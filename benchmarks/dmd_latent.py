@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.claims import paired
-from benchmarks.report import RESULTS, log, machine_info, write_atomic_text
+from benchmarks.report import RESULTS, default_cache, log, machine_info, output_tag, write_atomic_text
 
 STEPS = (1, 2, 4, 8)
 EVAL_SEEDS = range(16)      # noise seeds; x the task's 8 captions = 128 samples a row
@@ -213,13 +212,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=60, help="the DMD stage's steps, and the control's (default 60)")
     ap.add_argument("--param", type=param_pair, action="append", default=[],
                     help="a DMD stage param override, e.g. gen_every=5 (repeatable)")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("HYPERSD_BENCH_CACHE", "~/.cache/hypersd-bench")).expanduser())
+    ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    ap.add_argument("--tag", default="heldout", help="name of the outputs, dmd_latent_<tag>.* (default: heldout)")
+    ap.add_argument("--tag", type=output_tag, default="heldout", help="name of the outputs, dmd_latent_<tag>.* (default: heldout)")
     args = ap.parse_args(argv)
-    if not args.tag.replace("-", "").replace("_", "").isalnum():
-        ap.error(f"--tag: expected letters, digits, - or _, got {args.tag!r}")
     if args.steps < 1:
         ap.error(f"--steps: expected >= 1, got {args.steps}")
     dmd_params = dict(args.param)

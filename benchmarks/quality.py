@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from benchmarks import claims, evaluate, plans, shapes, stages
 from benchmarks.models import ARCH, Classifier, Task, heldout_accuracy, make_unet, train_classifier, train_teacher
 from benchmarks.quality_report import write_quality_results
-from benchmarks.report import RESULTS, log, machine_info
+from benchmarks.report import RESULTS, default_cache, log, machine_info, output_tag
 from training.diffusion import recommended_eta
 
 # distill_steps N: CD's budget and TSCD's (N / 4 per k); stage_steps E: each later stage's extra budget (the
@@ -287,17 +287,15 @@ def row_list(text: str) -> tuple:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny budgets, smoke test (< 2 min)")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("HYPERSD_BENCH_CACHE", "~/.cache/hypersd-bench")).expanduser())
+    ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("HYPERSD_BENCH_THREADS", "0")) or None,
                     help="torch threads (default: all cores; 1 is faster on a machine shared with other jobs)")
     ap.add_argument("--seeds", type=seed_list, help="training seeds, e.g. 9-14 (default: 3-5; --quick: 0,1)")
     ap.add_argument("--rows", type=row_list, help="comma-separated row ids to run (default: all); tscd and the "
                     f"control are added where needed; ids: {', '.join(plans.ROWS)}")
-    ap.add_argument("--tag", help="name of the outputs, quality_<tag>.* (default: full, or quick)")
+    ap.add_argument("--tag", type=output_tag, help="name of the outputs, quality_<tag>.* (default: full, or quick)")
     args = ap.parse_args(argv)
-    if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
-        ap.error(f"--tag: expected letters, digits, - or _, got {args.tag!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)

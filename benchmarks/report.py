@@ -12,6 +12,19 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+def default_cache() -> Path:
+    """Where the quality benchmarks keep trained models (teacher, classifiers, engine run folders):
+    $HYPERSD_BENCH_CACHE as it is when called, else ~/.cache/hypersd-bench."""
+    return Path(os.environ.get("HYPERSD_BENCH_CACHE", "~/.cache/hypersd-bench")).expanduser()
+
+
+def output_tag(text: str) -> str:
+    """argparse type of --tag: the name in the output files, letters, digits, - or _."""
+    import argparse
+
+    if not text.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected letters, digits, - or _, got {text!r}")
+    return text
 
 
 def log(msg):
